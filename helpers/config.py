@@ -1,0 +1,77 @@
+"""Model configurations: the GPT-2 presets the chapter uses plus a `tiny` one for offline runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Hyper-parameters of a GPT-2 style model; validated on creation."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+
+    def to_dict(self) -> dict:
+        """Plain dict, e.g. to store inside a checkpoint."""
+        return dict(self.__dict__)
+
+
+# The chapter's names (with sizes) are canonical; short names are accepted as aliases.
+MODEL_PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small (124M)": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium (355M)": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large (774M)": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl (1558M)": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
+    # Offline/CI stand-in: GPT-2's tokenizer and context, but a few hundred thousand
+    # non-embedding parameters, so it trains in seconds on two CPU cores.
+    "tiny": GPTConfig(emb_dim=64, n_layers=2, n_heads=4),
+}
+
+# Hugging Face Hub repositories holding OpenAI's released weights as safetensors.
+HF_REPOS: dict[str, str] = {
+    "gpt2-small (124M)": "openai-community/gpt2",
+    "gpt2-medium (355M)": "openai-community/gpt2-medium",
+    "gpt2-large (774M)": "openai-community/gpt2-large",
+    "gpt2-xl (1558M)": "openai-community/gpt2-xl",
+}
+
+_ALIASES = {name.split(" ")[0]: name for name in MODEL_PRESETS} | {"gpt2": "gpt2-small (124M)"}
+
+
+def resolve_model_name(name: str) -> str:
+    """Map a preset name or alias ('gpt2-medium', 'gpt2') to its canonical preset name."""
+    key = name.strip()
+    if key in MODEL_PRESETS:
+        return key
+    if key.lower() in _ALIASES:
+        return _ALIASES[key.lower()]
+    valid = ", ".join(repr(n) for n in [*MODEL_PRESETS, *_ALIASES])
+    raise ValueError(f"Unknown model preset {name!r}; valid names: {valid}")
+
+
+def get_config(name: str, **overrides: object) -> GPTConfig:
+    """Config of a preset (see MODEL_PRESETS), with optional field overrides."""
+    return replace(MODEL_PRESETS[resolve_model_name(name)], **overrides)
+
+
+def is_pretrained_preset(name: str) -> bool:
+    """True for the presets that have OpenAI weights (everything but `tiny`)."""
+    return resolve_model_name(name) in HF_REPOS

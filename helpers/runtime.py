@@ -1,0 +1,51 @@
+"""The course-wide switches: which model a notebook or command uses, device and seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+from helpers.config import is_pretrained_preset, resolve_model_name
+
+COURSE_MODEL_ENV = "COURSE_MODEL"
+DEFAULT_MODEL = "gpt2-medium (355M)"  # the chapter fine-tunes GPT-2 medium
+
+
+def course_model(default: str = DEFAULT_MODEL) -> str:
+    """Canonical preset name chosen by $COURSE_MODEL (e.g. `tiny` in CI), else `default`."""
+    return resolve_model_name(os.environ.get(COURSE_MODEL_ENV, "").strip() or default)
+
+
+def is_tiny(name: str) -> bool:
+    """True when `name` is the offline `tiny` preset."""
+    return resolve_model_name(name) == "tiny"
+
+
+def describe_model(name: str, weights: str | None = None) -> str:
+    """One line saying which model and weights produced an output, honest about tiny mode."""
+    canonical = resolve_model_name(name)
+    if weights is None:
+        weights = "OpenAI GPT-2 weights" if is_pretrained_preset(canonical) else "random init"
+    label = f"{canonical}, {weights}"
+    if not is_pretrained_preset(canonical):
+        label += " [TINY OFFLINE MODE: a small demo model, not GPT-2; outputs are not meaningful]"
+    return label
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """`prefer` if given, else CUDA, then Apple MPS, then CPU."""
+    if prefer:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, and PyTorch (CPU and CUDA) so runs repeat."""
+    random.seed(seed)
+    torch.manual_seed(seed)

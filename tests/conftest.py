@@ -1,0 +1,51 @@
+"""Shared test fixtures: offline tokenizer, the chapter's dataset from ../shared, tiny configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# Tests never touch the network: use the tokenizer files from ../shared unless told otherwise.
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _local_file(env: str, name: str) -> Path:
+    path = Path(os.environ.get(env) or SHARED / "data" / name)
+    if not path.is_file():
+        pytest.skip(f"needs the chapter file {name} (set {env} or put ../shared beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chapter_data_path() -> Path:
+    """Local copy of the chapter's instruction-data.json (CI: ../shared/data)."""
+    return _local_file("COURSE_DATASET", "instruction-data.json")
+
+
+@pytest.fixture(scope="session")
+def chapter_data(chapter_data_path: Path) -> list[dict]:
+    """The chapter's 1,100 entries."""
+    return json.loads(chapter_data_path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def responses_path() -> Path:
+    """The chapter's published GPT-2 medium answers for the test split."""
+    return _local_file("COURSE_RESPONSES", "instruction-data-with-response.json")
+
+
+@pytest.fixture()
+def tiny_config():
+    """A model config small enough for unit tests (GPT-2 vocabulary, short context)."""
+    from helpers.config import get_config
+
+    return get_config("tiny", context_length=128, emb_dim=32, n_heads=2, n_layers=2)
