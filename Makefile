@@ -20,9 +20,12 @@ setup: $(VENV)/.installed  ## create .venv with everything installed
 lab: setup  ## open the course in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Tests and committed notebook outputs use the offline tiny model unless told otherwise.
+test notebooks: export COURSE_MODEL ?= tiny
+
 test: setup  ## unit tests, then every notebook top to bottom under nbval
 	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks
+	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest tests -x -q
@@ -39,7 +42,7 @@ benchmarks: setup
 	$(PY) benchmarks/bench_training.py
 
 notebooks: setup  ## re-run every notebook in place (outputs committed for the web)
-	for nb in notebooks/0*.ipynb; do $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+	for nb in notebooks/0*.ipynb; do $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=False "$$nb" || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

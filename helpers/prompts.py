@@ -93,14 +93,23 @@ def format_example(entry: Mapping[str, str], style: str | PromptStyle = "alpaca"
 def extract_response(generated_text: str, style: str | PromptStyle = "alpaca") -> str:
     """Cut the model's answer out of generated text (with or without the prompt in front).
 
-    Takes what follows the last response header (or all of it if there is none), and stops
-    at `<|endoftext|>` or at text that would start a new turn of the template.
+    With the prompt in front, takes what follows the prompt's response header; then stops at
+    `<|endoftext|>` or at text that would start a new turn of the template (models often
+    carry on with an invented "### Instruction: ... ### Response: ..." turn: that is cut).
     """
     s = get_style(style)
     header = s.response_header.strip()
     text = generated_text
-    if header in text:
-        text = text.rsplit(header, 1)[1]
+    pos = text.find(header)
+    if pos != -1:
+        before = text[:pos]
+        # Turn starts other than the header itself (phi3's "<|assistant|>" is its prefix).
+        prompt_starts = [t for t in s.turn_starts if not header.startswith(t)]
+        # The header belongs to the prompt when the text opens with the header or with a
+        # prompt; otherwise it is part of a new turn the model invented after its answer.
+        opening = before.lstrip()
+        if not opening or opening.startswith(tuple(prompt_starts)):
+            text = text[pos + len(header) :]
     if text.startswith(":"):  # phi3's header is "<|assistant|>:"; tolerate a split colon
         text = text[1:]
     cut = len(text)

@@ -1,0 +1,287 @@
+"""Tokenized dataset, the chapter's collate function (plus prompt masking) and data loaders."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
+
+import tiktoken
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from helpers.data import DataSplits
+from helpers.prompts import format_prompt, get_style
+from helpers.tokenizer import EOS_ID, encode
+
+
+class TokenizedExample(NamedTuple):
+    """Token ids of one training text and how many of them are the prompt."""
+
+    ids: list[int]
+    prompt_length: int
+
+
+def tokenize_example(
+    entry: Mapping[str, str],
+    style: str = "alpaca",
+    tokenizer: tiktoken.Encoding | None = None,
+) -> TokenizedExample:
+    """Token ids of `format_example(entry, style)` with the prompt's length remembered."""
+    get_style(style)  # fail early with the list of valid styles
+    prompt_ids = encode(format_prompt(entry, style), tokenizer)
+    # Tokenize prompt and answer separately and concatenate: BPE merges across the
+    # boundary could otherwise make ids[:prompt_length] differ from the inference prompt.
+    return TokenizedExample(prompt_ids + encode(entry["output"], tokenizer), len(prompt_ids))
+
+
+class InstructionDataset(Dataset):
+    """The chapter's InstructionDataset: entries pre-tokenized once, prompt lengths kept."""
+
+    def __init__(
+        self,
+        data: Sequence[Mapping[str, str]],
+        tokenizer: tiktoken.Encoding | None = None,
+        style: str = "alpaca",
+    ) -> None:
+        self.data = list(data)
+        self.style = get_style(style).name
+        self.examples = [tokenize_example(entry, self.style, tokenizer) for entry in self.data]
+        self.lengths = [len(example.ids) for example in self.examples]
+
+    def __getitem__(self, index: int) -> TokenizedExample:
+        return self.examples[index]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def _unpack(item: object, position: int) -> tuple[list[int], int | None]:
+    # TokenizedExample is itself a tuple, so it must be recognised before plain sequences.
+    if isinstance(item, TokenizedExample):
+        ids, prompt_length = list(item.ids), int(item.prompt_length)
+        if not 0 <= prompt_length <= len(ids):
+            raise ValueError(
+                f"collate_fn: batch item {position} has prompt_length {prompt_length} "
+                f"outside 0..{len(ids)}"
+            )
+        return ids, prompt_length
+    if isinstance(item, torch.Tensor):
+        return item.flatten().tolist(), None
+    if isinstance(item, Sequence) and not isinstance(item, str):
+        return list(item), None
+    raise TypeError(
+        f"collate_fn: batch item {position} must be a list of token ids or a TokenizedExample, "
+        f"got {type(item).__name__}"
+    )
+
+
+def collate_fn(
+    batch: Sequence[Sequence[int] | TokenizedExample],
+    pad_token_id: int = EOS_ID,
+    ignore_index: int = -100,
+    allowed_max_length: int | None = None,
+    device: str | torch.device = "cpu",
+    mask_prompt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chapter's custom_collate_fn: pad, shift targets, ignore extra padding; mask prompts.
+
+    Plain lists of ids give exactly the chapter's tensors. TokenizedExample items know where
+    their text ends, so a pad id inside the text is kept as a target, and with
+    `mask_prompt=True` every target that is still part of the prompt becomes `ignore_index`.
+    """
+    if len(batch) == 0:
+        raise ValueError("collate_fn: the batch is empty")
+    if allowed_max_length is not None and allowed_max_length < 1:
+        raise ValueError(f"collate_fn: allowed_max_length must be >= 1, got {allowed_max_length}")
+    items = [_unpack(item, i) for i, item in enumerate(batch)]
+    if mask_prompt and any(prompt_length is None for _, prompt_length in items):
+        raise ValueError(
+            "collate_fn: mask_prompt=True needs TokenizedExample items (they carry the prompt "
+            "length); plain lists of ids do not say where the prompt ends"
+        )
+    # +1 so even the longest item gets one <|endoftext|> target that teaches it to stop.
+    batch_max_length = max(len(ids) + 1 for ids, _ in items)
+
+    inputs_lst, targets_lst = [], []
+    for position, (ids, prompt_length) in enumerate(items):
+        padded = ids + [pad_token_id] * (batch_max_length - len(ids))
+        inputs = torch.tensor(padded[:-1])  # (T,)
+        targets = torch.tensor(padded[1:])  # (T,) the next token at every position
+        if prompt_length is None:
+            # The chapter's rule: keep the first pad target (the end-of-text), ignore the rest.
+            indices = torch.nonzero(targets == pad_token_id).squeeze()
+            if indices.numel() > 1:
+                targets[indices[1:]] = ignore_index
+        else:
+            # Same rule by position: target len(ids)-1 is the end-of-text, later ones padding.
+            targets[len(ids) :] = ignore_index
+            if mask_prompt:
+                # targets[j] is token j+1, so the first answer token sits at prompt_length-1.
+                targets[: max(prompt_length - 1, 0)] = ignore_index
+        if allowed_max_length is not None:
+            inputs = inputs[:allowed_max_length]
+            targets = targets[:allowed_max_length]
+        if bool((targets == ignore_index).all()):
+            warnings.warn(
+                f"collate_fn: sample {position} of the batch has no target left for the loss "
+                f"(length {len(ids)}, prompt_length {prompt_length}, "
+                f"allowed_max_length {allowed_max_length}); it teaches nothing, and a batch "
+                f"made only of such samples gives a NaN loss",
+                stacklevel=2,
+            )
+        inputs_lst.append(inputs)
+        targets_lst.append(targets)
+
+    inputs_tensor = torch.stack(inputs_lst).to(device)  # (B, T)
+    targets_tensor = torch.stack(targets_lst).to(device)  # (B, T)
+    return inputs_tensor, targets_tensor
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length examples, in shuffled batch order: little padding, seeded."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 123,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        # Its own generator: each epoch differs, the sequence of epochs repeats for a seed.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.lengths)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).tolist()
+        else:
+            order = list(range(n))
+        if self.drop_last and n % self.batch_size:
+            # Drop random examples (like a shuffled drop_last), not always the longest.
+            order = (
+                order[n % self.batch_size :] if self.shuffle else order[: n - n % self.batch_size]
+            )
+        # Stable sort: equal lengths keep their random order, so batches vary between epochs.
+        order.sort(key=lambda i: self.lengths[i])
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator)]
+        yield from batches
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class Loaders(NamedTuple):
+    """Data loaders for the three splits."""
+
+    train: DataLoader
+    validation: DataLoader
+    test: DataLoader
+
+
+def make_loaders(
+    splits: DataSplits | Sequence[Sequence[Mapping[str, str]]],
+    *,
+    batch_size: int = 8,
+    style: str = "alpaca",
+    mask_prompt: bool = False,
+    allowed_max_length: int | None = 1024,
+    device: str | torch.device = "cpu",
+    grouped: bool = False,
+    seed: int = 123,
+    num_workers: int = 0,
+    tokenizer: tiktoken.Encoding | None = None,
+) -> Loaders:
+    """The chapter's loaders (batch 8; train shuffled + drop_last); optional length grouping.
+
+    With `grouped=True` every split is batched by length: train batches are shuffled
+    (seeded), validation/test batches come shortest first; either way far less padding.
+    """
+    if len(splits) != 3:
+        raise ValueError(
+            "make_loaders: splits must be (train, validation, test), e.g. split_data()"
+        )
+    collate = functools.partial(
+        collate_fn,
+        device=device,
+        allowed_max_length=allowed_max_length,
+        mask_prompt=mask_prompt,
+    )
+    loaders = []
+    for index, data in enumerate(splits):
+        dataset = InstructionDataset(data, tokenizer=tokenizer, style=style)
+        is_train = index == 0
+        generator = torch.Generator().manual_seed(seed)
+        common = dict(collate_fn=collate, num_workers=num_workers, generator=generator)
+        if grouped:
+            sampler = LengthGroupedBatchSampler(
+                dataset.lengths, batch_size, shuffle=is_train, drop_last=is_train, seed=seed
+            )
+            loaders.append(DataLoader(dataset, batch_sampler=sampler, **common))
+        else:
+            loaders.append(
+                DataLoader(
+                    dataset, batch_size=batch_size, shuffle=is_train, drop_last=is_train, **common
+                )
+            )
+    return Loaders(*loaders)
+
+
+def _generators(loader: DataLoader) -> list[torch.Generator]:
+    batch_sampler = loader.batch_sampler
+    candidates = [
+        loader.generator,
+        getattr(batch_sampler, "generator", None),
+        getattr(getattr(batch_sampler, "sampler", None), "generator", None),
+    ]
+    unique: list[torch.Generator] = []
+    for gen in candidates:
+        if gen is not None and all(gen is not g for g in unique):
+            unique.append(gen)
+    return unique
+
+
+def padding_share(loader: DataLoader) -> float:
+    """Share of input positions that are padding over one epoch of `loader`'s batches.
+
+    Reads only the batch indices and the dataset's lengths (no tensors are built) and
+    restores the samplers' random state, so training still sees the same batch order.
+    """
+    dataset = loader.dataset
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is None:
+        lengths = [len(_unpack(dataset[i], i)[0]) for i in range(len(dataset))]
+    keywords = getattr(loader.collate_fn, "keywords", {}) or {}
+    allowed = keywords.get("allowed_max_length")
+    generators = _generators(loader)
+    states = [gen.get_state() for gen in generators]
+    padded = total = 0
+    try:
+        if loader.generator is not None:
+            # Iterating a DataLoader first draws its workers' base seed from this generator,
+            # then the sampler shuffles: take the same draw so the batches seen are the ones
+            # the next epoch of training will get.
+            torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+        for indices in loader.batch_sampler:
+            # collate_fn's input width is the longest item (its +1 slot is cut by the shift).
+            width = max(lengths[i] for i in indices)
+            if allowed is not None:
+                width = min(width, allowed)
+            total += width * len(indices)
+            padded += sum(width - min(lengths[i], width) for i in indices)
+    finally:
+        for gen, state in zip(generators, states, strict=True):
+            gen.set_state(state)
+    return padded / total if total else 0.0
