@@ -1,0 +1,127 @@
+"""Review table, rating widget (driven through its buttons), resume, merge and agreement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers.review import (
+    RatingStore,
+    ReviewTool,
+    agreement,
+    cohen_kappa,
+    format_review_text,
+    merge_reviews,
+    review_frame,
+    review_in_terminal,
+    review_table,
+)
+
+
+@pytest.fixture(scope="module")
+def entries(responses_path):
+    return json.loads(responses_path.read_text())
+
+
+def test_review_frame_and_differs_filter(entries):
+    df = review_frame(entries)
+    assert list(df.columns) == ["instruction", "input", "expected", "response", "differs"]
+    assert len(df) == 110
+    # Entry 0 ("... as a bullet." vs "... as lightning.") differs; some answers match exactly.
+    assert bool(df.loc[0, "differs"]) is True
+    same = df[~df["differs"]]
+    assert len(same) > 0
+    assert all(
+        r.expected.lower().strip(" .") == r.response.lower().strip(" .") for r in same.itertuples()
+    )
+    only = review_frame(entries, only_differs=True)
+    assert len(only) == 110 - len(same) and only["differs"].all()
+
+
+def test_styled_table_and_text_fallback(entries):
+    html = review_table(entries, limit=3).to_html()
+    assert "The car is as fast as a bullet." in html and "#fff3cd" in html
+    text = format_review_text(entries, limit=2)
+    assert text.startswith("[0] DIFFERS")
+    assert "response: The car is as fast as a bullet." in text
+    assert "[1]" in text and "[2]" not in text
+
+
+def test_widget_saves_each_rating_and_resumes(entries, tmp_path):
+    path = tmp_path / "alice.jsonl"
+    tool = ReviewTool(entries[:5], path, reviewer="alice")
+    assert tool.index == 0 and "The car is as fast as a bullet." in tool.view.value
+    tool.buttons["save"].click()  # nothing chosen yet: nothing saved
+    assert not path.exists() and "Pick a rating" in tool.status.value
+    tool.rating.value, tool.note.value = "partly", "lightning, not a bullet"
+    tool.buttons["save"].click()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1  # on disk right after the click
+    assert json.loads(lines[0])["rating"] == "partly" and tool.index == 1
+    tool.buttons["next"].click()  # skip entry 1
+    tool.rating.value = "correct"
+    tool.buttons["save"].click()
+    assert tool.index == 3
+    # Re-opening resumes at the first unrated answer (the skipped one) and shows old ratings.
+    again = ReviewTool(entries[:5], path, reviewer="alice")
+    assert again.index == 1
+    again.buttons["prev"].click()
+    assert again.rating.value == "partly" and again.note.value == "lightning, not a bullet"
+
+
+def test_json_store_and_scale_validation(tmp_path):
+    store = RatingStore(tmp_path / "bob.json", reviewer="bob", scale="1-5")
+    store.rate(0, 5)
+    store.rate(2, "3", "ok")
+    store.rate(0, "4")  # a second rating replaces the first
+    doc = json.loads((tmp_path / "bob.json").read_text())
+    assert doc["reviewer"] == "bob" and [r["rating"] for r in doc["ratings"]] == ["4", "3"]
+    assert RatingStore(tmp_path / "bob.json", scale="1-5").first_unrated(3) == 1
+    with pytest.raises(ValueError, match="not on the 1-5 scale"):
+        store.rate(1, "correct")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"rating": "1"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: record 0 lacks 'index'"):
+        RatingStore(bad)
+
+
+def test_terminal_fallback(entries, tmp_path, capsys):
+    answers = iter(["correct", "good", "wrong", "", ""])
+    store = review_in_terminal(
+        entries, tmp_path / "t.jsonl", input_fn=lambda _: next(answers), limit=5
+    )
+    assert {i: r["rating"] for i, r in store.ratings.items()} == {0: "correct", 1: "wrong"}
+    assert "[1] " in capsys.readouterr().out
+
+
+def test_cohen_kappa_hand_computed():
+    a = ["correct", "correct", "wrong", "wrong", "partly", "correct"]
+    b = ["correct", "wrong", "wrong", "wrong", "partly", "correct"]
+    # p_o = 5/6; p_e = (3*2 + 2*3 + 1*1) / 36 = 13/36 -> kappa = (30/36 - 13/36) / (23/36) = 17/23
+    assert cohen_kappa(a, b) == pytest.approx(17 / 23)
+    assert cohen_kappa(a, a) == pytest.approx(1.0)
+    assert cohen_kappa(["x", "y"], ["y", "x"]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        cohen_kappa(["x"], [])
+
+
+def test_merge_and_agreement(tmp_path):
+    ratings = {
+        "ann": ["correct", "correct", "wrong", "wrong", "partly", "correct"],
+        "ben": ["correct", "wrong", "wrong", "wrong", "partly", "correct"],
+        "cy": ["correct", "correct"],
+    }
+    paths = []
+    for name, rs in ratings.items():
+        store = RatingStore(tmp_path / f"{name}.jsonl", reviewer=name)
+        for i, r in enumerate(rs):
+            store.rate(i, r)
+        paths.append(store.path)
+    merged = merge_reviews(paths)
+    assert list(merged.columns) == ["ann", "ben", "cy"] and len(merged) == 6
+    agree = agreement(merged).set_index(["rater_1", "rater_2"])
+    assert agree.loc[("ann", "ben"), "percent_agreement"] == pytest.approx(500 / 6)
+    assert agree.loc[("ann", "ben"), "cohen_kappa"] == pytest.approx(17 / 23)
+    assert agree.loc[("ben", "cy"), "n_both"] == 2
+    assert agree.loc[("ben", "cy"), "percent_agreement"] == pytest.approx(50.0)
