@@ -1,0 +1,266 @@
+"""GPT-2 built from scratch, with GPT-2's own module names so OpenAI's weights load by name.
+
+Shapes in comments: B batch, T new tokens in this call, S = past + T keys, D emb_dim,
+H heads, Dh = D / H head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers.config import GPTConfig
+
+
+class KVCache:
+    """Pre-allocated keys/values of every layer, so each new token costs one position, not T."""
+
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        batch_size: int,
+        max_length: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.max_length = max_length or cfg.context_length
+        if self.max_length > cfg.context_length:
+            raise ValueError(
+                f"KV cache length {self.max_length} exceeds the context length {cfg.context_length}"
+            )
+        shape = (batch_size, cfg.n_heads, self.max_length, cfg.emb_dim // cfg.n_heads)
+        # One buffer pair per layer, filled left to right; allocating once avoids a
+        # torch.cat (a full copy of the past) per generated token.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.length = 0  # positions filled so far
+
+    @property
+    def batch_size(self) -> int:
+        """Rows currently held."""
+        return self.keys[0].shape[0]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's k, v (B, H, T, Dh) for `layer`; return all keys/values (B, H, S, Dh)."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark `n` more positions as filled (called once per forward, after all layers)."""
+        self.length += n
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the batch (e.g. drop sequences that finished generating)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused q/k/v projection, as in GPT-2."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.drop_rate = cfg.drop_rate
+        self.resid_dropout = nn.Dropout(cfg.drop_rate)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); `mask` (B, 1, T, S) boolean, True = may attend."""
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)  # 3 x (B, T, D)
+        # (B, T, D) -> (B, H, T, Dh)
+        q = q.view(b, t, self.n_heads, -1).transpose(1, 2)
+        k = k.view(b, t, self.n_heads, -1).transpose(1, 2)
+        v = v.view(b, t, self.n_heads, -1).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, H, S, Dh)
+        dropout_p = self.drop_rate if self.training else 0.0
+        if mask is None:
+            # No padding: a plain causal mask (lets GPUs use the fused flash kernel). With a
+            # single new token and a cache, that token may see every key: no mask at all.
+            causal = t > 1 and k.shape[2] == t
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(b, t, d)  # (B, H, T, Dh) -> (B, T, D)
+        return self.resid_dropout(self.c_proj(out))
+
+
+class MLP(nn.Module):
+    """GPT-2's feed-forward network: D -> 4D -> GELU (tanh approximation) -> D."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.dropout = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form
+        # would shift the pretrained model's outputs slightly.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _attention_mask(
+    attention_mask: torch.Tensor, t: int, past: int, device: torch.device
+) -> torch.Tensor:
+    """Padding mask (B, S) of 1/0 -> boolean (B, 1, T, S): causal, no padded keys."""
+    s = past + t
+    if attention_mask.shape[1] != s:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} positions, expected {s} "
+            f"({past} cached + {t} new)"
+        )
+    q_pos = torch.arange(past, s, device=device).unsqueeze(1)  # (T, 1)
+    k_pos = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    keys = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
+    # A padding query would otherwise see no key at all and SDPA would return NaN; letting
+    # it see itself keeps numbers finite and never reaches real tokens (they skip pad keys).
+    return (causal & keys) | (k_pos == q_pos)  # (B, 1, T, S)
+
+
+class GPTModel(nn.Module):
+    """GPT-2: embeddings, `n_layers` blocks, final LayerNorm, output head tied to `wte`."""
+
+    def __init__(self, cfg: GPTConfig | Mapping) -> None:
+        super().__init__()
+        if isinstance(cfg, Mapping):  # the chapter passes a plain dict
+            cfg = GPTConfig(**cfg)
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        # Weight tying as in GPT-2: the output head reuses the token embedding matrix
+        # (the chapter keeps a separate copy, 163M instead of 124M parameters).
+        self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # LayerNorm scale
+                nn.init.ones_(p)
+            else:
+                # Each block adds two residual branches; scaling their projections by
+                # 1/sqrt(2 * n_layers) keeps the residual stream's variance from growing.
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if "c_proj" in name else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """An empty KV cache matching this model's dtype and device."""
+        p = self.wte.weight
+        return KVCache(self.cfg, batch_size, max_length, dtype=p.dtype, device=p.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`.
+
+        `attention_mask` (B, past + T) marks real tokens with 1 and padding with 0 (left
+        padding for generation); `position_ids` (B, T) default to each row's count of real
+        tokens so far; `kv_cache` holds earlier positions' keys/values and is advanced by T.
+        """
+        b, t = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + t > self.cfg.context_length:
+            raise ValueError(
+                f"Sequence of {past + t} tokens exceeds the model's context length "
+                f"{self.cfg.context_length}; cut the input from the left"
+            )
+        device = input_ids.device
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: a row's first real token gets position 0.
+                pos = attention_mask.long().cumsum(-1) - 1
+                position_ids = pos[:, past:].clamp(min=0)  # (B, T)
+            else:
+                position_ids = torch.arange(past, past + t, device=device).unsqueeze(0)  # (1, T)
+        mask = None
+        if attention_mask is not None:
+            mask = _attention_mask(attention_mask, t, past, device)  # (B, 1, T, S)
+        elif kv_cache is not None and past > 0 and t > 1:
+            ones = torch.ones(b, past + t, dtype=torch.bool, device=device)
+            mask = _attention_mask(ones, t, past, device)
+
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, D)
+        for i, block in enumerate(self.h):
+            x = block(x, mask, kv_cache, i)  # (B, T, D)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        if last_only:
+            # Generation needs the next-token logits only; skipping the (T, V) projection
+            # of the prompt saves most of the prefill's work for a 50k vocabulary.
+            x = x[:, -1:]  # (B, 1, D)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (a tied output head is counted once)."""
+    return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates shared ones
+
+
+def count_config_parameters(cfg: GPTConfig) -> int:
+    """Parameters of a model with config `cfg`, counted without allocating its weights."""
+    with torch.device("meta"):  # shapes only: works for gpt2-xl on any laptop
+        return count_parameters(GPTModel(cfg))
+
+
+def model_memory_bytes(model: nn.Module) -> int:
+    """Bytes taken by the model's parameters and buffers (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,222 @@
+"""Model weights: course checkpoints (safetensors + config) and OpenAI's GPT-2 from the HF Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from helpers.config import HF_REPOS, GPTConfig, get_config, is_pretrained_preset, resolve_model_name
+from helpers.model import GPTModel
+
+TIED_KEY = "lm_head.weight"  # shares its tensor with wte.weight; stored once
+INIT_SEED = 123  # random-init models are seeded so every run starts from the same weights
+# Head counts of OpenAI's four sizes; a bare model.safetensors has no config to read them from.
+GPT2_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model: names the first bad key and both shapes."""
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)  # readers see the old file or the complete new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: GPTModel, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Write the weights as safetensors with the config (and `metadata`) inside; atomic."""
+    path = Path(path)
+    # safetensors refuses two names for one tensor: drop the tied head, load_model re-ties it.
+    tensors = {
+        k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY
+    }
+    meta = {"format": "pt", "config": json.dumps(model.cfg.to_dict())}
+    for key, value in (metadata or {}).items():
+        if key in meta:
+            raise ValueError(f"metadata key {key!r} is reserved")
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    _atomic_save(tensors, path, meta)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors file (config JSON included)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_state_checked(model: GPTModel, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load `state_dict` into `model` after checking every key and shape; errors name the first bad one."""
+    expected = model.state_dict()
+    state = dict(state_dict)
+    tied = model.lm_head.weight is model.wte.weight
+    if tied and TIED_KEY in state and "wte.weight" in state:
+        if not torch.equal(state[TIED_KEY], state["wte.weight"]):
+            raise CheckpointMismatchError(
+                f"{TIED_KEY} differs from wte.weight, but this model ties them (GPT-2 style); "
+                "the checkpoint comes from an untied model (e.g. the chapter's separate out_head)"
+            )
+    if tied:
+        state.pop(TIED_KEY, None)
+    for key, tensor in expected.items():
+        if tied and key == TIED_KEY:
+            continue
+        if key not in state:
+            raise CheckpointMismatchError(
+                f"checkpoint is missing {key!r} (model expects shape {tuple(tensor.shape)})"
+            )
+        if state[key].shape != tensor.shape:
+            raise CheckpointMismatchError(
+                f"shape mismatch for {key!r}: checkpoint {tuple(state[key].shape)}, "
+                f"model {tuple(tensor.shape)}"
+            )
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"checkpoint has unexpected key {unexpected[0]!r} "
+            f"(shape {tuple(state[unexpected[0]].shape)}) and {len(unexpected) - 1} more"
+        )
+    model.load_state_dict(
+        state, strict=False
+    )  # strictness checked above; only the tied key is absent
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> GPTModel:
+    """A course checkpoint written by `save_model`, rebuilt from its stored config (eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}")
+    meta = read_metadata(path)
+    if "config" not in meta:
+        raise ValueError(
+            f"{path.name} has no model config in its metadata; was it written by save_model? "
+            "(for transformers/OpenAI files use load_hf_gpt2)"
+        )
+    model = GPTModel(GPTConfig(**json.loads(meta["config"])))
+    load_state_checked(model, load_file(str(path)))
+    return model.to(device).eval()
+
+
+# Conv1D layers in transformers' GPT-2 store weights as (in, out); nn.Linear wants (out, in).
+_TRANSPOSED = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Causal-mask buffers saved by old transformers versions: not weights.
+_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def convert_hf_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename/transpose a transformers GPT-2 state dict into this course's GPTModel layout."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_state.items():
+        name = key.removeprefix("transformer.")
+        if _BUFFERS.search(name):
+            continue
+        out[name] = tensor.t().contiguous() if _TRANSPOSED.search(name) else tensor
+    return out
+
+
+def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The inverse of `convert_hf_state_dict`: weights for transformers' GPT2LMHeadModel."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = name if name == TIED_KEY else f"transformer.{name}"
+        out[key] = tensor.t().contiguous() if _TRANSPOSED.search(name) else tensor
+    return out
+
+
+def _config_from_hf(path: Path, state: Mapping[str, torch.Tensor]) -> GPTConfig:
+    """Config from transformers' config.json beside the weights, else from the tensor shapes."""
+    config_json = path / "config.json" if path.is_dir() else path.with_name("config.json")
+    vocab_size, emb_dim = state["wte.weight"].shape
+    if config_json.is_file():
+        hf = json.loads(config_json.read_text(encoding="utf-8"))
+        return GPTConfig(
+            vocab_size=hf["vocab_size"],
+            context_length=hf["n_positions"],
+            emb_dim=hf["n_embd"],
+            n_heads=hf["n_head"],
+            n_layers=hf["n_layer"],
+        )
+    if emb_dim not in GPT2_HEADS_BY_WIDTH:
+        raise ValueError(
+            f"Cannot tell the number of heads of {path.name} (width {emb_dim}): "
+            "put transformers' config.json beside it or pass config="
+        )
+    n_layers = len({m.group(1) for k in state if (m := re.match(r"h\.(\d+)\.", k))})
+    return GPTConfig(
+        vocab_size=vocab_size,
+        context_length=state["wpe.weight"].shape[0],
+        emb_dim=emb_dim,
+        n_heads=GPT2_HEADS_BY_WIDTH[emb_dim],
+        n_layers=n_layers,
+    )
+
+
+def load_hf_gpt2(path: str | os.PathLike, *, config: GPTConfig | None = None) -> GPTModel:
+    """GPTModel from a transformers `save_pretrained` directory or a GPT-2 model.safetensors."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"No GPT-2 weights at {file} (expected a transformers save_pretrained directory "
+            "or a model.safetensors file)"
+        )
+    state = convert_hf_state_dict(load_file(str(file)))
+    if "wte.weight" not in state:
+        raise ValueError(f"{file.name} is not a GPT-2 checkpoint: it has no wte.weight")
+    model = GPTModel(config or _config_from_hf(path, state))
+    load_state_checked(model, state)  # checks every tensor's shape
+    return model.eval()
+
+
+def load_pretrained(name: str, *, cache_dir: str | os.PathLike | None = None) -> GPTModel:
+    """OpenAI's GPT-2 weights for preset `name`, downloaded once from the Hugging Face Hub."""
+    canonical = resolve_model_name(name)
+    if not is_pretrained_preset(canonical):
+        raise ValueError(f"{canonical!r} has no pretrained weights; use build_model({name!r})")
+    repo = HF_REPOS[canonical]
+    from huggingface_hub import hf_hub_download
+
+    try:
+        # The hub handles caching, resuming partial downloads, progress bars and HF_HUB_OFFLINE.
+        file = hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
+    except Exception as err:  # offline mode, no network, hub error: all mean "no weights"
+        raise RuntimeError(
+            f"Cannot download the {canonical} weights from the Hugging Face Hub ({repo}): "
+            f"{type(err).__name__}: {err}\n"
+            "To work offline: load a local copy with helpers.weights.load_hf_gpt2(path) "
+            "(a transformers save_pretrained directory or its model.safetensors), or use the "
+            "small offline model with COURSE_MODEL=tiny (command-line tools: --model tiny)."
+        ) from err
+    return load_hf_gpt2(file, config=get_config(canonical))
+
+
+def random_model(name: str, *, seed: int = INIT_SEED) -> GPTModel:
+    """A randomly initialised model of preset `name`, the same on every run (seeded)."""
+    cfg = get_config(name)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state untouched
+        torch.manual_seed(seed)
+        model = GPTModel(cfg)
+    return model.eval()
+
+
+def build_model(name: str, *, pretrained: bool = True) -> tuple[GPTModel, str]:
+    """(model, weights description): OpenAI weights for GPT-2 presets, seeded random init for tiny."""
+    canonical = resolve_model_name(name)
+    if pretrained and is_pretrained_preset(canonical):
+        return load_pretrained(canonical), "OpenAI GPT-2 weights"
+    return random_model(canonical), "random init"

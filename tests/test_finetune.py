@@ -1,0 +1,80 @@
+"""The headless chapter run (`python -m helpers.finetune`) end to end in tiny mode."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from helpers.evaluate import load_responses
+from helpers.finetune import main
+from helpers.weights import load_model
+
+
+def _args(data_path, out, *extra: str) -> list[str]:
+    return [
+        "--model", "tiny", "--data", str(data_path), "--limit", "40", "--batch-size", "4",
+        "--epochs", "1", "--eval-freq", "2", "--eval-iter", "2", "--max-new-tokens", "8",
+        "--output-dir", str(out), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_tiny_run_writes_every_artifact_and_resumes(chapter_data_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(chapter_data_path, out, "--mask-prompt")) == 0
+    printed = capsys.readouterr().out
+    assert "Initial loss: train" in printed and "=== Fine-tuning summary ===" in printed
+    assert "TINY OFFLINE MODE" in printed
+
+    names = {p.name for p in out.iterdir()}
+    assert {"loss-plot.png", "loss-plot.pdf", "history.csv", "summary.json", "checkpoints",
+            "instruction-data-with-response.json", "tiny-sft.safetensors"} <= names  # fmt: skip
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert (out / "loss-plot.png").read_bytes()[:4] == b"\x89PNG"
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"]
+    # 40 entries -> 34 train -> 8 batches of 4 (drop_last), evaluated at steps 0, 2, 4, 6
+    assert history["step"].tolist() == [0, 2, 4, 6]
+
+    responses = load_responses(out / "instruction-data-with-response.json")
+    assert len(responses.entries) == 4  # 10% of 40 entries
+    assert all(isinstance(e["model_response"], str) for e in responses.entries)
+    meta = responses.metadata
+    assert meta["model"] == "tiny" and meta["prompt_style"] == "alpaca" and meta["mask_prompt"]
+    assert meta["generation"]["max_new_tokens"] == 8 and meta["generation"]["decoding"] == "greedy"
+    assert meta["checkpoint"] == "tiny-sft.safetensors"
+    assert load_model(out / "tiny-sft.safetensors").cfg.emb_dim == 64
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 7 and summary["entries"] == {"train": 34, "validation": 2, "test": 4}
+    assert summary["settings"]["lr"] == 1e-3  # tiny mode's documented default
+
+    # A second epoch from the checkpoint continues the same history.
+    assert main(_args(chapter_data_path, out, "--mask-prompt", "--epochs", "2", "--resume")) == 0
+    resumed = pd.read_csv(out / "history.csv")
+    assert resumed["step"].tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    pd.testing.assert_frame_equal(resumed.iloc[:4], history)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "gpt3"], "--model: Unknown model preset"),
+        (["--epochs", "0"], "--epochs: must be > 0"),
+        (["--lr", "fast"], "--lr: expected a float"),
+        (["--style", "chatml"], "--style: invalid choice"),
+    ],
+)
+def test_bad_options_exit_with_a_clear_message(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_level_errors_are_clear(chapter_data_path, tmp_path):
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        main(_args(chapter_data_path, tmp_path / "none", "--resume"))
+    with pytest.raises(SystemExit, match="raise --limit"):
+        main(_args(chapter_data_path, tmp_path / "small", "--limit", "5"))

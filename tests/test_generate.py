@@ -1,0 +1,161 @@
+"""Generation: cache vs no cache, batched vs one by one, vs transformers, eos, sampling, cutting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.generate import generate, generate_batch, generate_responses
+from helpers.model import GPTModel
+from helpers.prompts import extract_response, format_prompt
+from helpers.tokenizer import decode, encode
+
+LENGTHS = (5, 17, 9, 30, 1, 12)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPTModel:
+    """A tiny random model with large weights, so greedy outputs vary instead of repeating."""
+    from helpers.config import get_config
+
+    cfg = get_config("tiny", context_length=128, emb_dim=32, n_heads=2, n_layers=2)
+    torch.manual_seed(0)
+    m = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 50000, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def naive_greedy(model: GPTModel, prompt: list[int], n: int) -> list[int]:
+    """The chapter's loop: recompute everything, take the argmax of the last position."""
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(idx)[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat([idx, nxt], dim=1)
+    return idx[0, len(prompt) :].tolist()
+
+
+def test_greedy_identical_cached_uncached_batched_single(model, prompts):
+    reference = [naive_greedy(model, p, 20) for p in prompts]
+    assert len({tuple(r) for r in reference}) == len(prompts)  # outputs really differ
+    for use_cache in (True, False):
+        single = [
+            generate_batch(model, [p], 20, eos_id=None, use_cache=use_cache)[0] for p in prompts
+        ]
+        batched = generate_batch(model, prompts, 20, eos_id=None, use_cache=use_cache)
+        assert single == reference, use_cache
+        assert batched == reference, use_cache
+
+
+def test_greedy_identical_to_transformers(tmp_path, prompts):
+    transformers = pytest.importorskip("transformers")
+    from helpers.weights import load_hf_gpt2
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.3
+    )
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_hf_gpt2(tmp_path)
+    for p in prompts:
+        ids = torch.tensor([p])
+        expected = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=50256,
+        )
+        assert torch.equal(generate(model, ids, 20), expected)
+    expected_rows = [
+        hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=50256)[
+            0, len(p) :
+        ].tolist()
+        for p in prompts
+    ]
+    assert generate_batch(model, prompts, 20, eos_id=None) == expected_rows
+
+
+def test_generate_is_chapter_compatible(model, prompts):
+    idx = torch.tensor([prompts[1]])
+    out = generate(model, idx, max_new_tokens=10, context_size=128)
+    assert out.shape == (1, len(prompts[1]) + 10)
+    assert torch.equal(out[:, : idx.shape[1]], idx)
+    assert out[0, idx.shape[1] :].tolist() == naive_greedy(model, prompts[1], 10)
+
+
+def test_eos_stops_each_row_and_is_excluded(model, prompts):
+    free = generate_batch(model, prompts, 12, eos_id=None)
+    eos = free[2][4]  # row 2 produces this token at step 5
+    stopped = generate_batch(model, prompts, 12, eos_id=eos)
+    for row, (full, cut) in enumerate(zip(free, stopped, strict=True)):
+        expected = full[: full.index(eos)] if eos in full else full
+        assert cut == expected, row
+        assert cut == generate_batch(model, [prompts[row]], 12, eos_id=eos)[0]
+    assert len(stopped[2]) == 4
+    # The chapter's generate: stops without appending eos (batch of one).
+    out = generate(model, torch.tensor([prompts[2]]), 12, eos_id=eos)
+    assert out[0, len(prompts[2]) :].tolist() == free[2][:4]
+
+
+def test_long_prompt_is_cut_from_the_left_with_warning(model):
+    long_prompt = list(range(1000, 1150))  # 150 tokens > context 128
+    with pytest.warns(UserWarning, match="keeping its last 118"):
+        got = generate_batch(model, [long_prompt], 10, eos_id=None)
+    assert got[0] == naive_greedy(model, long_prompt[-118:], 10)
+    with pytest.warns(UserWarning, match="keeping its last 118"):
+        out = generate(model, torch.tensor([long_prompt]), 10)
+    assert out.shape == (1, 160)  # the caller's full prompt is returned, then the new tokens
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_batch(model, [[1, 2]], 128)
+
+
+def test_sampling_is_seeded_and_top_k_restricts(model, prompts):
+    a = generate_batch(model, prompts, 15, temperature=1.0, top_k=50, seed=5, eos_id=None)
+    b = generate_batch(model, prompts, 15, temperature=1.0, top_k=50, seed=5, eos_id=None)
+    c = generate_batch(model, prompts, 15, temperature=1.0, top_k=50, seed=6, eos_id=None)
+    assert a == b and a != c
+    # top_k=1 leaves only the argmax, whatever the temperature.
+    assert generate_batch(model, prompts, 15, temperature=2.0, top_k=1, seed=1, eos_id=None) == (
+        generate_batch(model, prompts, 15, eos_id=None)
+    )
+    # Every sampled first token is one of the 3 best.
+    with torch.no_grad():
+        top3 = model(torch.tensor([prompts[0]]))[0, -1].topk(3).indices.tolist()
+    firsts = {
+        generate_batch(model, [prompts[0]], 1, temperature=5.0, top_k=3, seed=s)[0][0]
+        for s in range(20)
+    }
+    assert firsts <= set(top3) and len(firsts) > 1
+
+
+def test_generate_restores_training_mode(model, prompts):
+    model.train()
+    try:
+        generate_batch(model, prompts[:1], 3)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_generate_responses_keeps_order(model, chapter_data):
+    entries = chapter_data[:5]
+    got = generate_responses(model, entries, max_new_tokens=8, batch_size=2, progress=False)
+    expected = [
+        extract_response(decode(generate_batch(model, [encode(format_prompt(e))], 8)[0]))
+        for e in entries
+    ]
+    assert got == expected
+    phi3 = generate_responses(model, entries[:2], style="phi3", max_new_tokens=4, progress=False)
+    assert len(phi3) == 2

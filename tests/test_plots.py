@@ -1,0 +1,63 @@
+"""Loss plots: the chapter's two-axis figure, markers, atomic PNG/PDF files, live plot."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from helpers.plots import LiveLossPlot, overfitting_onset, plot_losses, save_loss_plot
+
+
+def _history(val):
+    n = len(val)
+    return pd.DataFrame(
+        {
+            "step": [5 * i for i in range(n)],
+            "epoch": [i / 2 for i in range(n)],
+            "tokens_seen": [1000 * i for i in range(n)],
+            "train_loss": [3.0 - 0.3 * i for i in range(n)],
+            "val_loss": val,
+            "lr": [5e-5] * n,
+        }
+    )
+
+
+def test_overfitting_onset_is_the_best_validation_point():
+    assert overfitting_onset(_history([3.0, 2.5, 2.2, 2.4, 2.7])) == 2
+    assert overfitting_onset(_history([3.0, 2.5, 2.2, 2.1, 2.0])) is None  # still improving
+    assert overfitting_onset(_history([3.0, 2.5, 2.2, 2.21, 2.25])) == 2
+    assert overfitting_onset(_history([3.0, 2.5, 2.2, 2.21, 2.25]), tolerance=0.05) is None
+
+
+def test_plot_has_both_axes_and_marks(tmp_path):
+    fig = plot_losses(_history([3.0, 2.5, 2.2, 2.4, 2.7]), title="tiny")
+    ax1, ax2 = fig.axes
+    assert ax1.get_xlabel() == "Epochs" and ax2.get_xlabel() == "Tokens seen"
+    labels = [t.get_text() for t in ax1.get_legend().get_texts()]
+    assert labels[:2] == ["Training loss", "Validation loss"]
+    assert "Best validation loss (2.200)" in labels
+    assert "Overfitting (validation loss rising)" in labels
+    paths = save_loss_plot(fig, tmp_path / "plots" / "loss")
+    assert [p.name for p in paths] == ["loss.png", "loss.pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["loss.pdf", "loss.png"]
+    plt.close("all")
+
+
+def test_plot_rejects_history_without_losses():
+    with pytest.raises(ValueError, match="val_loss"):
+        plot_losses(pd.DataFrame({"epoch": [0], "tokens_seen": [0], "train_loss": [1.0]}))
+
+
+def test_live_plot_is_silent_outside_notebooks(capsys):
+    live = LiveLossPlot("run")
+    assert live.enabled is False
+    with pytest.raises(ValueError, match="no history"):
+        live.figure()
+    live.update(_history([3.0, 2.5]))
+    live(_history([3.0, 2.5, 2.4]).to_dict("records"))
+    assert len(live.history) == 3 and capsys.readouterr().out == ""
+    assert live.figure().axes[0].get_title() == "run"
+    plt.close("all")
