@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from helpers.io import atomic_path
+
 CHECKPOINT_FORMAT = "course-train-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -66,13 +68,8 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write `state` (see `train`) atomically; a crash mid-write keeps the previous file."""
     path = checkpoint_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

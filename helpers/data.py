@@ -6,12 +6,13 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+from helpers.io import atomic_path
 
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -64,15 +65,12 @@ def download_file(
     dest = Path(dest)
     if dest.is_file() and (sha256 is None or sha256_of(dest) == sha256):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file in the destination folder, so os.replace is an atomic rename and an
+    # Written to a temp file and renamed into place only once the digest is right, so an
     # interrupted or corrupt download never sits where a later run would trust it.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dest, suffix=".part") as tmp:
         digest = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 bar = None
                 if progress:
@@ -95,9 +93,6 @@ def download_file(
             raise ChecksumError(
                 f"sha256 mismatch for {url}: expected {sha256}, got {actual}; nothing was saved"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

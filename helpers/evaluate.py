@@ -8,10 +8,8 @@ model, checkpoint, prompt style and generation settings produced the answers.
 from __future__ import annotations
 
 import json
-import os
 import re
 import string
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
+
+from helpers.io import atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,23 +34,6 @@ class ResponseSet(NamedTuple):
 
     entries: list[dict]
     metadata: dict
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` via a temporary file + os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_responses(

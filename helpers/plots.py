@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
+from helpers.io import atomic_path
+
 
 def _frame(history: Any) -> pd.DataFrame:
     df = pd.DataFrame(history)
@@ -92,12 +94,8 @@ def save_loss_plot(fig: Figure, path_stem: str | os.PathLike) -> list[Path]:
     written = []
     for fmt in ("png", "pdf"):
         final = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(final) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(final)
     return written
 
