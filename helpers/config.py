@@ -63,7 +63,8 @@ def resolve_model_name(name: str) -> str:
         return key
     if key.lower() in _ALIASES:
         return _ALIASES[key.lower()]
-    valid = ", ".join(repr(n) for n in [*MODEL_PRESETS, *_ALIASES])
+    aliases = [a for a in _ALIASES if a not in MODEL_PRESETS]
+    valid = ", ".join(repr(n) for n in [*MODEL_PRESETS, *aliases])
     raise ValueError(f"Unknown model preset {name!r}; valid names: {valid}")
 
 

@@ -1,0 +1,22 @@
+"""Atomic writes: a failure leaves the previous file and no temp file behind."""
+
+import pytest
+
+from helpers.io import atomic_path, atomic_write_text
+
+
+def test_write_creates_folders_and_content(tmp_path):
+    target = tmp_path / "a" / "b.txt"
+    assert atomic_write_text(target, "héllo\n") == target
+    assert target.read_text(encoding="utf-8") == "héllo\n"
+    assert [p.name for p in target.parent.iterdir()] == ["b.txt"]
+
+
+def test_failure_keeps_old_file_and_cleans_up(tmp_path):
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
