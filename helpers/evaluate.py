@@ -96,8 +96,13 @@ def generate_test_responses(
     seed: int | None = None,
     progress: bool = True,
     response_key: str = RESPONSE_KEY,
+    extra_metadata: Mapping[str, Any] | None = None,
 ) -> ResponseSet:
-    """Answer every entry with `generate_responses` (greedy by default); save to `path` if given."""
+    """Answer every entry with `generate_responses` (greedy by default); save to `path` if given.
+
+    The metadata records model, checkpoint, prompt style and generation settings, plus
+    `extra_metadata` (e.g. the fine-tuning options that produced the model).
+    """
     from helpers.generate import generate_responses  # the one generation code path
 
     answers = generate_responses(
@@ -126,6 +131,7 @@ def generate_test_responses(
         },
         "n_entries": len(out),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra_metadata or {}),
     }
     if path is not None:
         save_responses(out, path, metadata=metadata, response_key=response_key)

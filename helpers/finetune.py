@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from helpers.config import resolve_model_name
+from helpers.io import atomic_path
 from helpers.runtime import DEFAULT_MODEL, course_model, describe_model, get_device
 
 RESPONSES_NAME = "instruction-data-with-response.json"  # the chapter's file name
@@ -159,8 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     """Do the chapter's steps with parsed `args`; returns the summary it also writes."""
     from helpers.batching import make_loaders
     from helpers.data import load_instruction_data, split_data
-    from helpers.evaluate import save_responses
-    from helpers.generate import generate_responses
+    from helpers.evaluate import generate_test_responses
     from helpers.plots import plot_losses, save_loss_plot
     from helpers.train import TrainConfig, calc_loss_loader, train
     from helpers.weights import build_model, save_model
@@ -249,45 +249,30 @@ def run(args: argparse.Namespace) -> dict:
     print(f"Training completed in {train_minutes:.2f} minutes.")
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".history.csv.tmp"
-    history.to_csv(tmp, index=False)
-    tmp.replace(out / "history.csv")
+    with atomic_path(out / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
     fig = plot_losses(history, title=label)
     plot_files = save_loss_plot(fig, out / "loss-plot")
 
     test_entries = splits.test[: args.test_limit] if args.test_limit else splits.test
     model.eval()
-    answers = generate_responses(
+    model_file = out / f"{_slug(name)}-sft.safetensors"
+    responses_file = out / RESPONSES_NAME
+    generate_test_responses(
         model,
         test_entries,
+        responses_file,
+        model_name=name,
+        checkpoint=model_file.name,
         style=args.style,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=not args.quiet,
-    )
-    model_file = out / f"{_slug(name)}-sft.safetensors"
-    generation = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": 0.0,
-        "top_k": None,
-        "seed": None,
-        "batch_size": args.batch_size,
-        "decoding": "greedy",
-    }
-    metadata = {
-        "model": name,
-        "weights": f"{weights}, fine-tuned",
-        "description": label,
-        "checkpoint": model_file.name,
-        "prompt_style": args.style,
-        "mask_prompt": args.mask_prompt,
-        "generation": generation,
-        "n_entries": len(test_entries),
-    }
-    responses_file = save_responses(
-        [{**e, "model_response": a} for e, a in zip(test_entries, answers, strict=True)],
-        out / RESPONSES_NAME,
-        metadata=metadata,
+        extra_metadata={
+            "weights": f"{weights}, fine-tuned",
+            "description": label,
+            "mask_prompt": args.mask_prompt,
+        },
     )
     save_model(
         model,
