@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,14 @@ import torch
 
 from helpers.config import resolve_model_name
 from helpers.io import atomic_path
-from helpers.runtime import DEFAULT_MODEL, course_model, describe_model, get_device
+from helpers.runtime import (
+    DEFAULT_MODEL,
+    course_model,
+    describe_model,
+    finetuned_path,
+    get_device,
+    run_dir,
+)
 
 RESPONSES_NAME = "instruction-data-with-response.json"  # the chapter's file name
 # Defaults that depend on the model. GPT-2 sizes: the chapter's. `tiny` (random init, two
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint in --output-dir"
     )
-    p.add_argument("--output-dir", default=None, help="default: runs/<model>-sft")
+    p.add_argument("--output-dir", default=None, help="default: runs/<model>-sft in the repository")
     p.add_argument(
         "--max-new-tokens",
         type=_positive(int),
@@ -152,10 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[ ()]", "", name)  # the chapter's file naming: gpt2-medium355M
-
-
 def run(args: argparse.Namespace) -> dict:
     """Do the chapter's steps with parsed `args`; returns the summary it also writes."""
     from helpers.batching import make_loaders
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    out = Path(args.output_dir or Path("runs") / f"{_slug(name)}-sft")
+    out = Path(args.output_dir) if args.output_dir else run_dir(name)
     ckpt_dir = out / "checkpoints"
     if args.resume and not (ckpt_dir / "checkpoint.pt").is_file():
         raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
@@ -256,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
 
     test_entries = splits.test[: args.test_limit] if args.test_limit else splits.test
     model.eval()
-    model_file = out / f"{_slug(name)}-sft.safetensors"
+    model_file = out / finetuned_path(name).name
     responses_file = out / RESPONSES_NAME
     generate_test_responses(
         model,

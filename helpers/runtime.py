@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+from pathlib import Path
 
 import torch
 
@@ -11,6 +13,7 @@ from helpers.config import is_pretrained_preset, resolve_model_name
 
 COURSE_MODEL_ENV = "COURSE_MODEL"
 DEFAULT_MODEL = "gpt2-medium (355M)"  # the chapter fine-tunes GPT-2 medium
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def course_model(default: str = DEFAULT_MODEL) -> str:
@@ -49,3 +52,23 @@ def seed_everything(seed: int) -> None:
     """Seed Python, and PyTorch (CPU and CUDA) so runs repeat."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def model_slug(name: str) -> str:
+    """File-name form of a preset, as the chapter names its files: 'gpt2-medium355M'."""
+    return re.sub(r"[ ()]", "", resolve_model_name(name))
+
+
+def run_dir(name: str) -> Path:
+    """Default folder of a fine-tuning run: `runs/<slug>-sft` in the repository (git-ignored).
+
+    The CLI, notebook 04 (which saves there) and notebook 05 (which loads from there) agree
+    on it, whatever the current directory; without the repository it is `./runs/...`.
+    """
+    root = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+    return root / "runs" / f"{model_slug(name)}-sft"
+
+
+def finetuned_path(name: str) -> Path:
+    """Where a run saves its fine-tuned model: `run_dir(name) / '<slug>-sft.safetensors'`."""
+    return run_dir(name) / f"{model_slug(name)}-sft.safetensors"

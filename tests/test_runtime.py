@@ -33,3 +33,11 @@ def test_tiny_outputs_never_pass_for_gpt2():
 def test_device_preference():
     assert get_device("cpu") == torch.device("cpu")
     assert get_device().type in {"cpu", "cuda", "mps"}
+
+
+def test_run_folder_and_model_file_are_shared_names():
+    from helpers.runtime import REPO_ROOT, finetuned_path, model_slug, run_dir
+
+    assert model_slug("gpt2-medium") == "gpt2-medium355M"
+    assert run_dir("gpt2-medium") == REPO_ROOT / "runs" / "gpt2-medium355M-sft"
+    assert finetuned_path("tiny") == REPO_ROOT / "runs" / "tiny-sft" / "tiny-sft.safetensors"
