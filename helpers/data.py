@@ -132,7 +132,7 @@ def _parse(text: str, source: str, jsonl: bool | None) -> list:
         raise DatasetError(
             f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
-    if isinstance(data, dict) and stripped.count("\n") == 0:
+    if isinstance(data, dict) and stripped.rstrip().count("\n") == 0:
         return [data]  # a single-line JSON Lines file holding one entry
     if not isinstance(data, list):
         raise DatasetError(

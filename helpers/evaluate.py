@@ -200,9 +200,14 @@ def compare_runs(
     runs: Mapping[str, str | Path | Sequence[Mapping[str, Any]] | ResponseSet],
     *,
     judge_scores: Mapping[str, float] | None = None,
+    judge_range: tuple[float, float] = (0, 100),
     response_key: str = RESPONSE_KEY,
 ) -> pd.DataFrame:
-    """Metrics of several response files (or entry lists) side by side: one row per run."""
+    """Metrics of several response files (or entry lists) side by side: one row per run.
+
+    `judge_scores` are mean judge scores per run on `judge_range` (the chapter's 0-100
+    prompt by default; (1, 5) for the rubric); they are rescaled to 0-1 like the metrics.
+    """
     rows = {}
     for name, run in runs.items():
         if isinstance(run, (str, Path)):
@@ -211,8 +216,8 @@ def compare_runs(
         row: dict[str, float] = {"n": len(entries)}
         row.update(summarize_scores(score_responses(entries, response_key=response_key)))
         if judge_scores and name in judge_scores:
-            # Judge scores are 0-100; put them on the same 0-1 scale as the other columns.
-            row["judge"] = judge_scores[name] / 100.0
+            low, high = judge_range
+            row["judge"] = (judge_scores[name] - low) / (high - low)
         rows[name] = row
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "run"

@@ -66,6 +66,11 @@ def _generate_ids(
     generator: torch.Generator | None,
 ) -> list[list[int]]:
     """Core loop: new tokens of each (already fitted) prompt, eos excluded."""
+    vocab = model.cfg.vocab_size
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
+        raise ValueError(f"top_k must be None or an integer from 1 to {vocab}, got {top_k!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     device = model.wte.weight.device
     n = len(prompts)
     width = max(len(p) for p in prompts)

@@ -12,6 +12,7 @@ import hashlib
 import html
 import json
 import textwrap
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from itertools import combinations
@@ -119,16 +120,40 @@ class RatingStore:
     """Ratings of one reviewer in a .json or .jsonl file; each `rate` saves atomically."""
 
     def __init__(
-        self, path: str | Path, *, reviewer: str = "reviewer", scale: str = "3-level"
+        self,
+        path: str | Path,
+        *,
+        reviewer: str = "reviewer",
+        scale: str = "3-level",
+        entries: Sequence[Mapping[str, Any]] | None = None,
+        response_key: str = RESPONSE_KEY,
     ) -> None:
         if scale not in SCALES:
             raise ValueError(f"Unknown scale {scale!r}; valid: {', '.join(SCALES)}")
         self.path, self.reviewer, self.scale = Path(path), reviewer, scale
         self.ratings: dict[int, dict] = {}
+        # Ratings given to a different answer at the same index (responses regenerated since):
+        # they do not count as done, but stay in the file until that entry is rated again.
+        self.stale: dict[int, dict] = {}
+        keys = [entry_id(e, response_key) for e in entries] if entries is not None else None
         if self.path.is_file():
             for rec in _read_ratings(self.path):
-                self.ratings[int(rec["index"])] = rec
+                i = int(rec["index"])
+                if (
+                    keys is not None
+                    and rec.get("entry_id")
+                    and (i >= len(keys) or rec["entry_id"] != keys[i])
+                ):
+                    self.stale[i] = rec
+                else:
+                    self.ratings[i] = rec
                 self.reviewer = rec.get("reviewer", self.reviewer)
+        if self.stale:
+            warnings.warn(
+                f"{self.path.name}: {len(self.stale)} rating(s) belong to different answers "
+                "(responses changed since); those entries count as unrated",
+                stacklevel=2,
+            )
 
     def rate(self, index: int, rating: str | int, note: str = "", *, entry_key: str = "") -> dict:
         """Record (or replace) the rating of entry `index` and save the file."""
@@ -147,12 +172,14 @@ class RatingStore:
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.ratings[int(index)] = rec
+        self.stale.pop(int(index), None)
         self.save()
         return rec
 
     def save(self) -> None:
         """Rewrite the whole file atomically (small: one line per rated answer)."""
-        recs = [self.ratings[i] for i in sorted(self.ratings)]
+        kept = {**self.stale, **self.ratings}
+        recs = [kept[i] for i in sorted(kept)]
         if self.path.suffix == ".jsonl":
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
         else:
@@ -197,7 +224,9 @@ class ReviewTool:
         import ipywidgets as w
 
         self.entries, self.response_key = list(entries), response_key
-        self.store = RatingStore(path, reviewer=reviewer, scale=scale)
+        self.store = RatingStore(
+            path, reviewer=reviewer, scale=scale, entries=self.entries, response_key=response_key
+        )
         self.index = self.store.first_unrated(len(self.entries))  # resume where we stopped
         self.view = w.HTML()
         self.status = w.Label()
@@ -268,7 +297,9 @@ def review_in_terminal(
     limit: int | None = None,
 ) -> RatingStore:
     """Plain-text fallback of the widget: prompts for ratings; an empty answer stops."""
-    store = RatingStore(path, reviewer=reviewer, scale=scale)
+    store = RatingStore(
+        path, reviewer=reviewer, scale=scale, entries=entries, response_key=response_key
+    )
     options = SCALES[scale]
     end = len(entries) if limit is None else min(len(entries), limit)
     for i in range(store.first_unrated(end), end):

@@ -302,3 +302,9 @@ def test_split_custom_fractions():
 def test_split_bad_fractions(train, test, pattern):
     with pytest.raises(ValueError, match=pattern):
         split_data([{"i": 1}], train, test)
+
+
+def test_single_entry_json_lines_with_final_newline(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\n', encoding="utf-8")
+    assert load_instruction_data(path) == [{"instruction": "Say hi.", "input": "", "output": "Hi."}]

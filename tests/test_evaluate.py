@@ -124,3 +124,5 @@ def test_compare_runs_and_chart(responses_path):
     assert df.loc["gpt2-medium", "n"] == 10
     fig = plot_comparison(df)
     assert len(fig.axes[0].patches) == 2 * 4  # runs x (3 metrics + judge)
+    rubric = compare_runs({"echo": echo}, judge_scores={"echo": 4.0}, judge_range=(1, 5))
+    assert rubric.loc["echo", "judge"] == 0.75

@@ -11,6 +11,7 @@ from helpers.review import (
     ReviewTool,
     agreement,
     cohen_kappa,
+    entry_id,
     format_review_text,
     merge_reviews,
     review_frame,
@@ -125,3 +126,27 @@ def test_merge_and_agreement(tmp_path):
     assert agree.loc[("ann", "ben"), "cohen_kappa"] == pytest.approx(17 / 23)
     assert agree.loc[("ben", "cy"), "n_both"] == 2
     assert agree.loc[("ben", "cy"), "percent_agreement"] == pytest.approx(50.0)
+
+
+def test_ratings_of_changed_answers_do_not_count_but_are_kept(tmp_path):
+    entries = [
+        {"instruction": f"Q{i}", "input": "", "output": f"A{i}", "model_response": f"R{i}"}
+        for i in range(3)
+    ]
+    path = tmp_path / "me.jsonl"
+    store = RatingStore(path, entries=entries)
+    for i, e in enumerate(entries):
+        store.rate(i, "correct", entry_key=entry_id(e))
+    assert RatingStore(path, entries=entries).first_unrated(3) == 3
+
+    changed = [dict(e) for e in entries]
+    changed[1]["model_response"] = "a regenerated answer"
+    with pytest.warns(UserWarning, match="1 rating"):
+        reopened = RatingStore(path, entries=changed)
+    assert reopened.first_unrated(3) == 1
+    assert set(reopened.ratings) == {0, 2} and set(reopened.stale) == {1}
+    reopened.rate(0, "wrong", entry_key=entry_id(changed[0]))  # saving keeps the stale record
+    with pytest.warns(UserWarning):
+        assert set(RatingStore(path, entries=changed).stale) == {1}
+    reopened.rate(1, "partly", entry_key=entry_id(changed[1]))
+    assert RatingStore(path, entries=changed).first_unrated(3) == 3

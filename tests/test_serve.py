@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 
 import httpx
@@ -79,6 +80,16 @@ def test_bad_requests_get_clear_errors(server):
     assert r.status_code == 400 and "streaming" in r.json()["error"]["message"]
     r = chat(server, messages=[{"role": "user", "content": "x"}], max_tokens=-1)
     assert r.status_code == 400
+    for top_k in (0, 10**6):
+        r = chat(server, messages=[{"role": "user", "content": "x"}], top_k=top_k, temperature=1)
+        assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
+    # A malformed Content-Length (httpx refuses to send one, so a raw socket) gets a 400 too.
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}"
+        )
+        assert sock.recv(64).startswith(b"HTTP/1.1 400 ")
     assert httpx.post(server.url + "/v1/completions", json={}).status_code == 404
     r = httpx.post(
         server.url + "/v1/chat/completions",
