@@ -140,7 +140,9 @@ def train(
     the chapter's 0-based global step; `epoch` is fractional (epochs completed so far).
     `callback(history)` runs after every evaluation (e.g. LiveLossPlot.update). History attrs
     record `stopped_early`, `best_step` and `best_val_loss`. On Ctrl-C a checkpoint is saved
-    (if `checkpoint_dir` is set) before the KeyboardInterrupt propagates.
+    (if `checkpoint_dir` is set) before the KeyboardInterrupt propagates. Each epoch starts
+    with `torch.manual_seed(config.seed + epoch)` (so a resumed run replays the same batch
+    order): this resets the caller's global torch random state too.
     """
     config = config or TrainConfig()
     train_loader, val_loader = _split_loaders(loaders, val_loader)
