@@ -20,13 +20,12 @@ figures are rates, so they stay comparable.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from collections.abc import Callable
 
 import torch
 
+from helpers.data import load_instruction_data, split_data
 from helpers.generate import generate_batch
 from helpers.prompts import format_prompt
 from helpers.tokenizer import EOS_ID, encode
@@ -35,14 +34,7 @@ from helpers.weights import random_model, to_hf_state_dict
 
 def load_test_prompts(style: str = "alpaca") -> list[list[int]]:
     """Token ids of the chapter's test-split prompts."""
-    try:
-        from helpers.data import load_instruction_data, split_data
-
-        test = split_data(load_instruction_data()).test
-    except ImportError:  # early checkouts without the data module
-        with open(os.environ["COURSE_DATASET"], encoding="utf-8") as f:
-            data = json.load(f)
-        test = data[int(len(data) * 0.85) : int(len(data) * 0.85) + int(len(data) * 0.10)]
+    test = split_data(load_instruction_data()).test
     return [encode(format_prompt(entry, style)) for entry in test]
 
 
