@@ -15,6 +15,10 @@ from helpers.data import DataSplits
 from helpers.prompts import format_prompt, get_style
 from helpers.tokenizer import EOS_ID, encode
 
+# Targets with this value are skipped by the loss: cross_entropy's default, which the
+# course's loss (helpers.train.calc_loss_batch) passes explicitly.
+IGNORE_INDEX = -100
+
 
 class TokenizedExample(NamedTuple):
     """Token ids of one training text and how many of them are the prompt."""
@@ -80,7 +84,7 @@ def _unpack(item: object, position: int) -> tuple[list[int], int | None]:
 def collate_fn(
     batch: Sequence[Sequence[int] | TokenizedExample],
     pad_token_id: int = EOS_ID,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = None,
     device: str | torch.device = "cpu",
     mask_prompt: bool = False,
@@ -239,7 +243,8 @@ def make_loaders(
     return Loaders(*loaders)
 
 
-def _generators(loader: DataLoader) -> list[torch.Generator]:
+def loader_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The torch.Generators that drive a loader's shuffling (loader, sampler, batch sampler)."""
     batch_sampler = loader.batch_sampler
     candidates = [
         loader.generator,
@@ -265,7 +270,7 @@ def padding_share(loader: DataLoader) -> float:
         lengths = [len(_unpack(dataset[i], i)[0]) for i in range(len(dataset))]
     keywords = getattr(loader.collate_fn, "keywords", {}) or {}
     allowed = keywords.get("allowed_max_length")
-    generators = _generators(loader)
+    generators = loader_generators(loader)
     states = [gen.get_state() for gen in generators]
     padded = total = 0
     try:

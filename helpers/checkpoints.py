@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from helpers.io import atomic_path
+from helpers.atomic import atomic_path
 
 CHECKPOINT_FORMAT = "course-train-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -88,15 +87,3 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks field(s): {', '.join(missing)}")
     return state
-
-
-def loader_generators(loader: DataLoader) -> list[torch.Generator]:
-    """The torch.Generators that drive a loader's shuffling (loader, sampler, batch sampler)."""
-    found: list[torch.Generator] = []
-    candidates = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
-    candidates.append(getattr(candidates[-1], "sampler", None))
-    for obj in candidates:
-        gen = getattr(obj, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
-            found.append(gen)
-    return found

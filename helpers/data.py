@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from helpers.io import atomic_path
+from helpers.atomic import atomic_path
 
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"

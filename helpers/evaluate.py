@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 
-from helpers.io import atomic_write_text
+from helpers.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from helpers.config import resolve_model_name
-from helpers.io import atomic_path
+from helpers.atomic import atomic_path
 from helpers.runtime import (
     DEFAULT_MODEL,
     course_model,

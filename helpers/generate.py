@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from helpers.model import GPTModel
+from helpers.model import GPTModel, eval_mode
 from helpers.prompts import extract_response, format_prompt
 from helpers.tokenizer import EOS_ID, decode, encode
 
@@ -145,9 +145,7 @@ def generate(
     """
     context_size = min(context_size or model.cfg.context_length, model.cfg.context_length)
     prompts = _fit_prompts(idx.tolist(), max_new_tokens, context_size)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         new = _generate_ids(
             model,
             prompts,
@@ -158,8 +156,6 @@ def generate(
             use_cache=use_cache,
             generator=None,  # like the chapter: torch.manual_seed before the call decides
         )
-    finally:
-        model.train(was_training)
     longest = max(len(t) for t in new)
     fill = eos_id if eos_id is not None else 0
     tail = torch.tensor([t + [fill] * (longest - len(t)) for t in new], dtype=idx.dtype)
@@ -181,9 +177,7 @@ def generate_batch(
     if not prompts:
         return []
     fitted = _fit_prompts(prompts, max_new_tokens, model.cfg.context_length)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _generate_ids(
             model,
             fitted,
@@ -194,8 +188,6 @@ def generate_batch(
             use_cache=use_cache,
             generator=_seeded_generator(seed, model.wte.weight.device),
         )
-    finally:
-        model.train(was_training)
 
 
 def generate_responses(

@@ -18,7 +18,9 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from helpers.model import eval_mode
 from helpers.tokenizer import EOS_ID, encode
 
 LETTERS = "ABCDEFGH"
@@ -162,29 +164,23 @@ def evaluate_mcq(
     """
     if normalize not in ("sum", "mean"):
         raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
-    was_training = model.training
-    model.eval()
     rows = []
-    items = questions
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(questions, desc="Multiple choice")
-    for q in items:
-        scored = choice_logprobs(model, build_prompt(q, mode), continuations(q, mode))
-        scores = [lp / n if normalize == "mean" else lp for lp, n in scored]
-        pred = max(range(len(scores)), key=scores.__getitem__)
-        rows.append(
-            {
-                "subject": q.subject,
-                "question": q.question,
-                "answer": LETTERS[q.answer],
-                "predicted": LETTERS[pred],
-                "correct": pred == q.answer,
-                "scores": [round(s, 3) for s in scores],
-            }
-        )
-    model.train(was_training)
+    items = tqdm(questions, desc="Multiple choice") if progress else questions
+    with eval_mode(model):
+        for q in items:
+            scored = choice_logprobs(model, build_prompt(q, mode), continuations(q, mode))
+            scores = [lp / n if normalize == "mean" else lp for lp, n in scored]
+            pred = max(range(len(scores)), key=scores.__getitem__)
+            rows.append(
+                {
+                    "subject": q.subject,
+                    "question": q.question,
+                    "answer": LETTERS[q.answer],
+                    "predicted": LETTERS[pred],
+                    "correct": pred == q.answer,
+                    "scores": [round(s, 3) for s in scores],
+                }
+            )
     return pd.DataFrame(rows)
 
 

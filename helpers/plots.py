@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from helpers.io import atomic_path
+from helpers.atomic import atomic_path
 
 
 def _frame(history: Any) -> pd.DataFrame:

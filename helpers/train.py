@@ -20,14 +20,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from helpers.batching import IGNORE_INDEX, loader_generators
 from helpers.checkpoints import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
-    loader_generators,
     restore_rng_state,
     save_checkpoint,
 )
+from helpers.model import eval_mode
 from helpers.train_config import TrainConfig, lr_factor
 
 __all__ = [
@@ -49,7 +50,9 @@ def calc_loss_batch(
     """Mean cross-entropy of one batch; targets equal to -100 (padding, masked prompt) are ignored."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     logits = model(input_batch)  # (B, T, V)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), target_batch.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def calc_loss_loader(
@@ -76,11 +79,9 @@ def evaluate_model(
     eval_iter: int,
 ) -> tuple[float, float]:
     """The chapter's evaluation: train and validation loss on `eval_iter` batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-    val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train(was_training)
+    with eval_mode(model):
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
     return train_loss, val_loss
 
 
@@ -112,12 +113,10 @@ def print_sample(
     """Greedy response of `model` to `entry`, printed on one line as the chapter does."""
     from helpers.generate import generate_responses  # lazy: keeps training importable alone
 
-    was_training = model.training
-    model.eval()
-    text = generate_responses(
-        model, [dict(entry)], style=style, max_new_tokens=max_new_tokens, progress=False
-    )[0]
-    model.train(was_training)
+    with eval_mode(model):
+        text = generate_responses(
+            model, [dict(entry)], style=style, max_new_tokens=max_new_tokens, progress=False
+        )[0]
     print("Sample response:", text.replace("\n", " "))
     return text
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers.io import atomic_path, atomic_write_text
+from helpers.atomic import atomic_path, atomic_write_text
 
 
 def test_write_creates_folders_and_content(tmp_path):
