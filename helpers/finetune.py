@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from helpers.config import resolve_model_name
 from helpers.atomic import atomic_path
+from helpers.config import resolve_model_name
 from helpers.runtime import (
     DEFAULT_MODEL,
     course_model,

@@ -24,8 +24,8 @@ import pandas as pd
 if TYPE_CHECKING:
     from pandas.io.formats.style import Styler
 
-from helpers.evaluate import RESPONSE_KEY, normalize_text
 from helpers.atomic import atomic_write_text
+from helpers.evaluate import RESPONSE_KEY, normalize_text
 
 SCALES: dict[str, tuple[str, ...]] = {
     "3-level": ("correct", "partly", "wrong"),
