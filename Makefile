@@ -33,6 +33,7 @@ test-fast: setup  ## unit tests only
 lint: setup
 	$(VENV)/bin/ruff check helpers tests benchmarks notebooks
 	$(VENV)/bin/ruff format --check helpers tests benchmarks
+	$(VENV)/bin/mypy
 
 finetune: setup  ## the whole chapter headless: make finetune MODEL=tiny
 	$(PY) -m helpers.finetune $(if $(MODEL),--model $(MODEL))
