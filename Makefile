@@ -5,20 +5,70 @@ PY := $(VENV)/bin/python
 # The CPU wheel; set TORCH_SPEC="torch" (or a CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 MODEL ?=
+# make lab: where JupyterLab listens, and extra `jupyter lab` options,
+# e.g. make lab HOST=0.0.0.0 PORT=8899 ARGS=--no-browser on a remote machine.
+HOST ?= localhost
+PORT ?= 8888
+ARGS ?=
 
 .PHONY: setup lab test test-fast lint finetune benchmarks notebooks clean
 
+# Checked before anything is built: one line naming what to install.
+# (Runs on whatever $(PYTHON) is, so no f-strings.)
+define SETUP_CHECK
+import sys
+v = sys.version_info
+if v < (3, 10):
+    sys.exit("make setup: the course needs Python 3.10 or newer, but $(PYTHON) is %d.%d; install python3.10+ and run: make setup PYTHON=python3.12" % (v[0], v[1]))
+try:
+    import ensurepip, venv
+except ImportError:
+    sys.exit("make setup: Python's venv module is missing; install it (Debian/Ubuntu: apt install python3-venv, or python%d.%d-venv) and run make setup again" % (v[0], v[1]))
+endef
+export SETUP_CHECK
+
 $(VENV)/.installed: pyproject.toml requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "make setup: $(PYTHON) not found; install Python 3.10+ or name it: make setup PYTHON=/path/to/python3" >&2; exit 1; }
+	@$(PYTHON) -c "$$SETUP_CHECK"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv with everything installed
+# The notebooks' kernel ("python3") is this environment's interpreter, by absolute path,
+# whichever Jupyter opens them.
+$(VENV)/.kernel: $(VENV)/.installed
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
+	touch $@
 
-lab: setup  ## open the course in JupyterLab
-	$(VENV)/bin/jupyter lab notebooks/
+setup: $(VENV)/.installed $(VENV)/.kernel  ## create .venv with everything installed
+
+# What `make lab` prints before JupyterLab's own log (which ends with the URL and its token).
+define LAB_BANNER
+import os, sys
+from helpers.config import MODEL_PRESETS
+from helpers.runtime import DEFAULT_MODEL, course_model, describe_model
+try:
+    model = course_model()
+except ValueError as err:
+    sys.exit(f"make lab: COURSE_MODEL: {err}")
+chosen = os.environ.get("COURSE_MODEL", "").strip()
+names = ", ".join(name.split(" ")[0] for name in MODEL_PRESETS)
+print(f"Course model: {describe_model(model)}")
+print(f"  from COURSE_MODEL={chosen}" if chosen else f"  COURSE_MODEL is not set: the chapter's {DEFAULT_MODEL}, weights download on first use")
+print(f"  switch: make lab COURSE_MODEL=<name>, one of {names} (tiny: offline, seconds on a CPU)")
+print("JupyterLab: http://$(HOST):$(PORT)/lab (or the next free port); open the link with ?token=")
+print("  that JupyterLab prints below. Ctrl-C twice stops it.")
+endef
+export LAB_BANNER
+
+# JupyterLab refuses to start as root (Docker, cloud VMs, CI) without this flag.
+ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
+
+lab: setup  ## open the course in JupyterLab: make lab [HOST=0.0.0.0] [PORT=8899] [ARGS=--no-browser]
+	@$(PY) -c "$$LAB_BANNER"
+	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab --ip=$(HOST) --port=$(PORT) $(ALLOW_ROOT) $(ARGS) notebooks/
 
 # Tests and committed notebook outputs use the offline tiny model unless told otherwise.
 test notebooks: export COURSE_MODEL ?= tiny
