@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from typing import NamedTuple
 
 import tiktoken
@@ -94,6 +94,11 @@ def collate_fn(
     Plain lists of ids give exactly the chapter's tensors. TokenizedExample items know where
     their text ends, so a pad id inside the text is kept as a target, and with
     `mask_prompt=True` every target that is still part of the prompt becomes `ignore_index`.
+
+    `ignore_index` only marks targets; skipping them is the loss's job. The course's loss
+    (`helpers.train.calc_loss_batch`) skips IGNORE_INDEX (-100, `cross_entropy`'s default)
+    and nothing else, so keep the default when training with it: another value would be
+    counted as a target (a real token id) or rejected by `cross_entropy` (a negative one).
     """
     if len(batch) == 0:
         raise ValueError("collate_fn: the batch is empty")
@@ -228,18 +233,28 @@ def make_loaders(
         dataset = InstructionDataset(data, tokenizer=tokenizer, style=style)
         is_train = index == 0
         generator = torch.Generator().manual_seed(seed)
-        common = dict(collate_fn=collate, num_workers=num_workers, generator=generator)
         if grouped:
             sampler = LengthGroupedBatchSampler(
                 dataset.lengths, batch_size, shuffle=is_train, drop_last=is_train, seed=seed
             )
-            loaders.append(DataLoader(dataset, batch_sampler=sampler, **common))
-        else:
-            loaders.append(
-                DataLoader(
-                    dataset, batch_size=batch_size, shuffle=is_train, drop_last=is_train, **common
-                )
+            loader = DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                collate_fn=collate,
+                num_workers=num_workers,
+                generator=generator,
             )
+        else:
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                shuffle=is_train,
+                drop_last=is_train,
+                collate_fn=collate,
+                num_workers=num_workers,
+                generator=generator,
+            )
+        loaders.append(loader)
     return Loaders(*loaders)
 
 
@@ -264,9 +279,13 @@ def padding_share(loader: DataLoader) -> float:
     Reads only the batch indices and the dataset's lengths (no tensors are built) and
     restores the samplers' random state, so training still sees the same batch order.
     """
-    dataset = loader.dataset
-    lengths = getattr(dataset, "lengths", None)
+    dataset, batch_sampler = loader.dataset, loader.batch_sampler
+    if batch_sampler is None:
+        raise ValueError("padding_share: the loader does not batch (batch_size=None)")
+    lengths: Sequence[int] | None = getattr(dataset, "lengths", None)
     if lengths is None:
+        if not isinstance(dataset, Sized):
+            raise TypeError("padding_share: the loader's dataset has no len()")
         lengths = [len(_unpack(dataset[i], i)[0]) for i in range(len(dataset))]
     keywords = getattr(loader.collate_fn, "keywords", {}) or {}
     allowed = keywords.get("allowed_max_length")
@@ -279,7 +298,7 @@ def padding_share(loader: DataLoader) -> float:
             # then the sampler shuffles: take the same draw so the batches seen are the ones
             # the next epoch of training will get.
             torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-        for indices in loader.batch_sampler:
+        for indices in batch_sampler:
             # collate_fn's input width is the longest item (its +1 slot is cut by the shift).
             width = max(lengths[i] for i in indices)
             if allowed is not None:

@@ -14,11 +14,9 @@ from typing import NamedTuple
 
 import tiktoken
 
-from helpers.batching import TokenizedExample, collate_fn, tokenize_example
+from helpers.batching import IGNORE_INDEX, TokenizedExample, collate_fn, tokenize_example
 from helpers.prompts import PROMPT_STYLES
 from helpers.tokenizer import EOS_ID, decode
-
-IGNORE_INDEX = -100
 
 # Role of a target token -> background colour (counted) in the HTML table.
 ROLE_COLOURS = {
@@ -133,9 +131,25 @@ def format_token_table(rows: Sequence[TokenRow], *, max_text: int = 18) -> str:
     return "\n".join(lines)
 
 
-def print_token_table(entry: Mapping[str, str] | TokenizedExample, **kwargs: object) -> None:
+def print_token_table(
+    entry: Mapping[str, str] | TokenizedExample,
+    *,
+    style: str = "alpaca",
+    mask_prompt: bool = False,
+    allowed_max_length: int | None = None,
+    extra_padding: int = 0,
+    tokenizer: tiktoken.Encoding | None = None,
+) -> None:
     """Print the plain-text table for `entry` (same options as `token_rows`)."""
-    print(format_token_table(token_rows(entry, **kwargs)))
+    rows = token_rows(
+        entry,
+        style=style,
+        mask_prompt=mask_prompt,
+        allowed_max_length=allowed_max_length,
+        extra_padding=extra_padding,
+        tokenizer=tokenizer,
+    )
+    print(format_token_table(rows))
 
 
 def token_table_html(rows: Sequence[TokenRow]) -> str:
