@@ -30,8 +30,8 @@ def decode(ids: list[int] | torch.Tensor, tokenizer: tiktoken.Encoding | None = 
 
 
 def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding | None = None) -> torch.Tensor:
-    """The chapter's helper: `text` as a (1, T) tensor of token ids."""
-    return torch.tensor(encode(text, tokenizer)).unsqueeze(0)
+    """The chapter's helper: `text` as a (1, T) tensor of token ids (int64, also when T is 0)."""
+    return torch.tensor(encode(text, tokenizer), dtype=torch.long).unsqueeze(0)
 
 
 def token_ids_to_text(ids: torch.Tensor, tokenizer: tiktoken.Encoding | None = None) -> str:
