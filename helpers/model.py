@@ -170,6 +170,21 @@ def _attention_mask(
     return (causal & keys) | (k_pos == q_pos)  # (B, 1, T, S)
 
 
+def make_position_ids(
+    attention_mask: torch.Tensor | None, t: int, past: int, device: torch.device
+) -> torch.Tensor:
+    """Positions of the T new tokens after `past` cached ones: (B, T), or (1, T) unpadded.
+
+    The one place the course computes them. With a padding mask (B, past + T) a row's
+    positions count its real tokens only, so a left-padded prompt starts at 0 like an
+    unpadded one; pads get 0 (they are masked out anyway).
+    """
+    if attention_mask is None:
+        return torch.arange(past, past + t, device=device).unsqueeze(0)  # (1, T)
+    counts = attention_mask.to(device=device, dtype=torch.long).cumsum(-1) - 1  # (B, past + T)
+    return counts[:, past:].clamp(min=0)  # (B, T)
+
+
 class GPTModel(nn.Module):
     """GPT-2: embeddings, `n_layers` blocks, final LayerNorm, output head tied to `wte`."""
 
@@ -220,7 +235,8 @@ class GPTModel(nn.Module):
 
         `attention_mask` (B, past + T) marks real tokens with 1 and padding with 0 (left
         padding for generation); `position_ids` (B, T) default to each row's count of real
-        tokens so far; `kv_cache` holds earlier positions' keys/values and is advanced by T.
+        tokens so far (`make_position_ids`, also with a cache: callers need not pass them);
+        `kv_cache` holds earlier positions' keys/values and is advanced by T.
         """
         b, t = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -231,12 +247,7 @@ class GPTModel(nn.Module):
             )
         device = input_ids.device
         if position_ids is None:
-            if attention_mask is not None:
-                # Left padding: a row's first real token gets position 0.
-                pos = attention_mask.long().cumsum(-1) - 1
-                position_ids = pos[:, past:].clamp(min=0)  # (B, T)
-            else:
-                position_ids = torch.arange(past, past + t, device=device).unsqueeze(0)  # (1, T)
+            position_ids = make_position_ids(attention_mask, t, past, device)  # (B or 1, T)
         mask = None
         if attention_mask is not None:
             mask = _attention_mask(attention_mask, t, past, device)  # (B, 1, T, S)

@@ -10,6 +10,7 @@ from helpers.model import (
     GPTModel,
     count_config_parameters,
     count_parameters,
+    make_position_ids,
     model_memory_bytes,
 )
 
@@ -97,6 +98,32 @@ def test_kv_cache_matches_full_forward(model, tiny_config):
     parts += [model(ids[:, i : i + 1], kv_cache=cache) for i in range(7, 10)]
     assert cache.length == 10
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_position_ids_count_real_tokens_only():
+    cpu = torch.device("cpu")
+    assert make_position_ids(None, 3, 0, cpu).tolist() == [[0, 1, 2]]
+    assert make_position_ids(None, 1, 5, cpu).tolist() == [[5]]  # after 5 cached positions
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert make_position_ids(mask, 5, 0, cpu).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert make_position_ids(mask, 2, 3, cpu).tolist() == [[1, 2], [3, 4]]  # the last 2
+
+
+def test_kv_cache_with_left_padding_needs_no_position_ids(model, tiny_config):
+    # Batched generation's pattern: left-padded prefill, then one token per step with a
+    # growing mask; the model derives every position itself, matching unpadded runs.
+    short = torch.randint(0, tiny_config.vocab_size, (1, 6))
+    long = torch.randint(0, tiny_config.vocab_size, (1, 9))
+    ids = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9])
+    cache = model.new_kv_cache(2)
+    prefill = model(ids[:, :7], attention_mask=mask[:, :7], kv_cache=cache)
+    steps = [
+        model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], kv_cache=cache) for i in (7, 8)
+    ]
+    out = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(out[:1, 3:], model(short), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1:], model(long), atol=1e-5, rtol=0)
 
 
 def test_last_only_returns_final_position(model, tiny_config):
