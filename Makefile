@@ -58,8 +58,8 @@ names = ", ".join(name.split(" ")[0] for name in MODEL_PRESETS)
 print(f"Course model: {describe_model(model)}")
 print(f"  from COURSE_MODEL={chosen}" if chosen else f"  COURSE_MODEL is not set: the chapter's {DEFAULT_MODEL}, weights download on first use")
 print(f"  switch: make lab COURSE_MODEL=<name>, one of {names} (tiny: offline, seconds on a CPU)")
-print("JupyterLab: http://$(HOST):$(PORT)/lab (or the next free port); open the link with ?token=")
-print("  that JupyterLab prints below. Ctrl-C twice stops it.")
+print("JupyterLab: http://$(HOST):$(PORT)/lab (another port if that one is taken); open the")
+print("  link with ?token= that JupyterLab prints below. Ctrl-C twice stops it.")
 endef
 export LAB_BANNER
 

@@ -67,7 +67,9 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_make_lab_serves_the_notebooks_with_the_project_kernel(tmp_path: Path) -> None:
     port, token = _free_port(), secrets.token_hex(16)
     base = f"http://127.0.0.1:{port}"
-    env = os.environ | {
+    # A make of its own, not a sub-make of `make test` (no inherited flags or jobserver).
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
+    env |= {
         "COURSE_MODEL": "tiny",
         # Keep the user's Jupyter config, cookies and workspaces out of it, and theirs out of ours.
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
