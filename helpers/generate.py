@@ -1,15 +1,24 @@
-"""Text generation: greedy or sampled, KV cache, batches of prompts of different lengths."""
+"""Text generation: greedy or sampled, KV cache, batches of prompts of different lengths.
+
+`generate_responses` answers instruction entries; `generate_test_responses` does the same
+for the test split and records how (model, checkpoint, prompt style, settings) in a
+response file (helpers.responses).
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from helpers.model import GPTModel, eval_mode
 from helpers.prompts import extract_response, format_prompt
+from helpers.responses import RESPONSE_KEY, ResponseSet, save_responses
 from helpers.tokenizer import EOS_ID, decode, encode
 
 
@@ -101,7 +110,11 @@ def _generate_ids(
             logits = model(ids, attention_mask=mask if padded else None, last_only=True)
         next_ids = _next_token(logits[:, -1].float(), temperature, top_k, generator)  # (B,)
 
-        done = next_ids == eos_id if eos_id is not None else torch.zeros_like(next_ids, dtype=bool)
+        done = (
+            next_ids == eos_id
+            if eos_id is not None
+            else torch.zeros_like(next_ids, dtype=torch.bool)
+        )
         for row, tok, fin in zip(rows.tolist(), next_ids.tolist(), done.tolist(), strict=True):
             if not fin:
                 outputs[row].append(tok)
@@ -223,3 +236,58 @@ def generate_responses(
         bar.update(len(chunk))
     bar.close()
     return responses
+
+
+def generate_test_responses(
+    model: GPTModel,
+    entries: Sequence[Mapping[str, Any]],
+    path: str | Path | None = None,
+    *,
+    model_name: str,
+    checkpoint: str | None = None,
+    style: str = "alpaca",
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    response_key: str = RESPONSE_KEY,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> ResponseSet:
+    """Answer every entry with `generate_responses` (greedy by default); save to `path` if given.
+
+    The metadata records model, checkpoint, prompt style and generation settings, plus
+    `extra_metadata` (e.g. the fine-tuning options that produced the model).
+    """
+    answers = generate_responses(
+        model,
+        list(entries),
+        style=style,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        progress=progress,
+    )
+    out = [{**dict(e), response_key: a} for e, a in zip(entries, answers, strict=True)]
+    metadata = {
+        "model": model_name,
+        "checkpoint": checkpoint,
+        "prompt_style": style,
+        "generation": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+            "seed": seed,
+            "batch_size": batch_size,
+            "decoding": "greedy" if temperature == 0 else "sampling",
+        },
+        "n_entries": len(out),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra_metadata or {}),
+    }
+    if path is not None:
+        save_responses(out, path, metadata=metadata, response_key=response_key)
+    return ResponseSet(out, metadata)

@@ -53,53 +53,55 @@ def load_mcq(path: str | Path, *, subject: str | None = None) -> list[MCQuestion
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Question file not found: {path.name}")
-    questions = []
     if path.suffix == ".csv":
-        # MMLU's files: no header, columns question, A, B, C, D, answer letter.
-        subj = subject or path.stem.replace("_test", "").replace("_dev", "").replace("_", " ")
-        with path.open(encoding="utf-8", newline="") as f:
-            for n, row in enumerate(csv.reader(f), start=1):
-                if len(row) < 4:
-                    raise ValueError(f"{path.name} row {n}: expected question, choices, answer")
-                choices = tuple(row[1:-1])
-                questions.append(
-                    MCQuestion(
-                        row[0],
-                        choices,
-                        _answer_index(row[-1], len(choices), f"{path.name} row {n}"),
-                        subj,
-                    )
-                )
+        questions = _load_csv(path, subject)
     else:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
-                raise ValueError(f"{where}: needs a text field 'question'")
-            choices = rec.get("choices")
-            if (
-                not isinstance(choices, list)
-                or len(choices) < 2
-                or not all(isinstance(c, str) for c in choices)
-            ):
-                raise ValueError(f"{where}: 'choices' must be a list of at least two texts")
-            idx = _answer_index(rec.get("answer"), len(choices), where)
-            questions.append(
-                MCQuestion(
-                    rec["question"], tuple(choices), idx, rec.get("subject") or subject or ""
-                )
-            )
+        questions = _load_jsonl(path, subject)
     if not questions:
         raise ValueError(f"{path.name}: no questions")
     return questions
 
 
-def build_prompt(q: MCQuestion, mode: str = "letter") -> str:
+def _load_csv(path: Path, subject: str | None) -> list[MCQuestion]:
+    # MMLU's files: no header, columns question, A, B, C, D, answer letter.
+    subj = subject or path.stem.replace("_test", "").replace("_dev", "").replace("_", " ")
+    questions = []
+    with path.open(encoding="utf-8", newline="") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if len(row) < 4:
+                raise ValueError(f"{path.name} row {n}: expected question, choices, answer")
+            choices = tuple(row[1:-1])
+            idx = _answer_index(row[-1], len(choices), f"{path.name} row {n}")
+            questions.append(MCQuestion(row[0], choices, idx, subj))
+    return questions
+
+
+def _load_jsonl(path: Path, subject: str | None) -> list[MCQuestion]:
+    questions = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
+            raise ValueError(f"{where}: needs a text field 'question'")
+        choices = rec.get("choices")
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) for c in choices)
+        ):
+            raise ValueError(f"{where}: 'choices' must be a list of at least two texts")
+        idx = _answer_index(rec.get("answer"), len(choices), where)
+        subj = rec.get("subject") or subject or ""
+        questions.append(MCQuestion(rec["question"], tuple(choices), idx, subj))
+    return questions
+
+
+def mcq_prompt(q: MCQuestion, mode: str = "letter") -> str:
     """The text in front of each choice: MMLU's zero-shot format (letter mode) or question only."""
     if mode == "text":
         return f"Question: {q.question}\nAnswer:"
@@ -123,7 +125,10 @@ def continuations(q: MCQuestion, mode: str = "letter") -> list[str]:
 def choice_logprobs(
     model: torch.nn.Module, prompt: str, options: Sequence[str]
 ) -> list[tuple[float, int]]:
-    """(summed log-probability, token count) of each option continuing `prompt`, one batch."""
+    """(summed log-probability, token count) of each option continuing `prompt`, one batch.
+
+    Runs in eval mode (no dropout) and puts the model back in the mode it was in.
+    """
     context = int(getattr(getattr(model, "cfg", None), "context_length", 1024))
     device = next(model.parameters()).device
     p_ids = encode(prompt)
@@ -138,7 +143,8 @@ def choice_logprobs(
     width = max(len(r) for r in rows)
     # Right padding is harmless: a causal model's logits at a position ignore later tokens.
     batch = torch.tensor([r + [EOS_ID] * (width - len(r)) for r in rows], device=device)  # (C, T)
-    logits = model(batch)  # (C, T, V)
+    with eval_mode(model):
+        logits = model(batch)  # (C, T, V)
     out = []
     for c, (ids, n) in enumerate(zip(rows, spans, strict=True)):
         start = len(ids) - n  # first answer token; predicted from position start - 1
@@ -166,21 +172,20 @@ def evaluate_mcq(
         raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
     rows = []
     items = tqdm(questions, desc="Multiple choice") if progress else questions
-    with eval_mode(model):
-        for q in items:
-            scored = choice_logprobs(model, build_prompt(q, mode), continuations(q, mode))
-            scores = [lp / n if normalize == "mean" else lp for lp, n in scored]
-            pred = max(range(len(scores)), key=scores.__getitem__)
-            rows.append(
-                {
-                    "subject": q.subject,
-                    "question": q.question,
-                    "answer": LETTERS[q.answer],
-                    "predicted": LETTERS[pred],
-                    "correct": pred == q.answer,
-                    "scores": [round(s, 3) for s in scores],
-                }
-            )
+    for q in items:
+        scored = choice_logprobs(model, mcq_prompt(q, mode), continuations(q, mode))
+        scores = [lp / n if normalize == "mean" else lp for lp, n in scored]
+        pred = max(range(len(scores)), key=scores.__getitem__)
+        rows.append(
+            {
+                "subject": q.subject,
+                "question": q.question,
+                "answer": LETTERS[q.answer],
+                "predicted": LETTERS[pred],
+                "correct": pred == q.answer,
+                "scores": [round(s, 3) for s in scores],
+            }
+        )
     return pd.DataFrame(rows)
 
 

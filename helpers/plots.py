@@ -1,9 +1,12 @@
-"""Loss curves: the chapter's figure (epochs below, tokens seen above), marked and live-updating."""
+"""Figures: the chapter's loss curves (epochs below, tokens seen above), marked and live-updating,
+and the bar chart that compares runs' response quality (`helpers.metrics.compare_runs`).
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +150,19 @@ class LiveLossPlot:
         if self.history is None:
             raise ValueError("LiveLossPlot has no history yet; call update() first")
         return plot_losses(self.history, title=self.title)
+
+
+def plot_comparison(comparison: pd.DataFrame, *, title: str = "Response quality by run") -> Figure:
+    """Grouped bar chart of `compare_runs` output (metrics on a 0-1 scale); returns the Figure."""
+    cols = [c for c in comparison.columns if c != "n"]
+    fig, ax = plt.subplots(figsize=(3.0 + 2.2 * len(comparison), 3.5))
+    comparison[cols].plot.bar(ax=ax, rot=0)
+    # Run names are often long ("gpt2-medium, fine-tuned, phi3 prompt"): wrap the labels.
+    ax.set_xticks(ax.get_xticks(), [textwrap.fill(str(n), 18) for n in comparison.index])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (0-1)")
+    ax.set_xlabel("")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -7,8 +7,10 @@ continues `format_prompt(entry)`. `extract_response` undoes it after generation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 
 from helpers.tokenizer import EOS_TOKEN
 
@@ -20,8 +22,18 @@ class PromptStyle:
     name: str
     render_input: Callable[[Mapping[str, str]], str]
     response_header: str
-    # Text that would start another turn; a generated response is cut there.
-    turn_starts: tuple[str, ...]
+    # Section headers of the template ("### Input:"): text is cut at a line that is exactly
+    # one of them, never where an answer merely mentions one inside a sentence.
+    section_headers: tuple[str, ...] = ()
+    # Markers that start another turn wherever they appear (special tokens, the preamble).
+    turn_markers: tuple[str, ...] = ()
+
+    @property
+    def prompt_openers(self) -> tuple[str, ...]:
+        """What a prompt of this style starts with (every turn start but the response header)."""
+        head = self.response_header.strip()
+        starts = (*self.section_headers, *self.turn_markers)
+        return tuple(t for t in starts if not head.startswith(t))
 
 
 def _alpaca_input(entry: Mapping[str, str]) -> str:
@@ -46,13 +58,14 @@ PROMPT_STYLES: dict[str, PromptStyle] = {
         name="alpaca",
         render_input=_alpaca_input,
         response_header="\n\n### Response:\n",
-        turn_starts=("### Instruction:", "### Input:", "### Response:", "Below is an instruction"),
+        section_headers=("### Instruction:", "### Input:", "### Response:"),
+        turn_markers=("Below is an instruction",),
     ),
     "phi3": PromptStyle(
         name="phi3",
         render_input=_phi3_input,
         response_header="\n<|assistant|>:\n",
-        turn_starts=("<|user|>", "<|assistant|>"),
+        turn_markers=("<|user|>", "<|assistant|>"),
     ),
 }
 
@@ -90,31 +103,76 @@ def format_example(entry: Mapping[str, str], style: str | PromptStyle = "alpaca"
     return format_prompt(entry, style) + entry["output"]
 
 
-def extract_response(generated_text: str, style: str | PromptStyle = "alpaca") -> str:
+def extract_response(
+    generated_text: str, style: str | PromptStyle = "alpaca", *, prompt: str | None = None
+) -> str:
     """Cut the model's answer out of generated text (with or without the prompt in front).
 
-    With the prompt in front, takes what follows the prompt's response header; then stops at
-    `<|endoftext|>` or at text that would start a new turn of the template (models often
-    carry on with an invented "### Instruction: ... ### Response: ..." turn: that is cut).
+    With the prompt in front, takes what follows the prompt's response header, or, when the
+    model was given the prompt without a header and wrote none, what follows the prompt
+    (pass `prompt=` to remove it exactly; otherwise each prompt section ends at a blank
+    line). Then stops at `<|endoftext|>` or where a new turn of the template starts (models
+    often carry on with an invented "### Instruction: ... ### Response: ..." turn): at a
+    special token anywhere, at a section header only on a line that is exactly the header.
     """
     s = get_style(style)
-    header = s.response_header.strip()
     text = generated_text
-    pos = text.find(header)
-    if pos != -1:
-        before = text[:pos]
-        # Turn starts other than the header itself (phi3's "<|assistant|>" is its prefix).
-        prompt_starts = [t for t in s.turn_starts if not header.startswith(t)]
-        # The header belongs to the prompt when the text opens with the header or with a
-        # prompt; otherwise it is part of a new turn the model invented after its answer.
-        opening = before.lstrip()
-        if not opening or opening.startswith(tuple(prompt_starts)):
-            text = text[pos + len(header) :]
+    if prompt is not None and text.startswith(prompt):
+        text = text[len(prompt) :]
+    found = _find_response_header(text, s)
+    # The header belongs to the prompt when the text opens with it or with a prompt;
+    # otherwise it is part of a new turn the model invented after its answer.
+    if found is not None and _is_prompt(text[: found[0]], s):
+        text = text[found[1] :]
+    elif _opens_prompt(text, s):
+        text = _skip_prompt_sections(text, s)
     if text.startswith(":"):  # phi3's header is "<|assistant|>:"; tolerate a split colon
         text = text[1:]
+    return text[: _turn_start(text, s)].strip()
+
+
+@cache
+def _header_line(header: str) -> re.Pattern[str]:
+    return re.compile(rf"^[ \t]*{re.escape(header)}[ \t]*$", re.MULTILINE)
+
+
+def _find_response_header(text: str, s: PromptStyle) -> tuple[int, int] | None:
+    """(start, end) of the first response header in `text`, or None."""
+    head = s.response_header.strip()
+    if head in s.section_headers:  # alpaca's "### Response:" counts only as a line of its own
+        m = _header_line(head).search(text)
+        return (m.start(), m.end()) if m else None
+    pos = text.find(head)
+    return (pos, pos + len(head)) if pos != -1 else None
+
+
+def _opens_prompt(text: str, s: PromptStyle) -> bool:
+    return text.lstrip().startswith(s.prompt_openers)
+
+
+def _is_prompt(before_header: str, s: PromptStyle) -> bool:
+    return not before_header.strip() or _opens_prompt(before_header, s)
+
+
+def _skip_prompt_sections(text: str, s: PromptStyle) -> str:
+    """Drop a header-less prompt: each section that opens like a prompt, up to a blank line."""
+    while _opens_prompt(text, s):
+        end = text.lstrip().find("\n\n")
+        if end == -1:
+            return ""  # nothing but prompt
+        text = text.lstrip()[end:]
+    return text
+
+
+def _turn_start(text: str, s: PromptStyle) -> int:
+    """Where a new turn of the template starts in `text` (its length when none does)."""
     cut = len(text)
-    for stop in (EOS_TOKEN, *s.turn_starts):
-        pos = text.find(stop)
+    for marker in (EOS_TOKEN, *s.turn_markers):
+        pos = text.find(marker)
         if pos != -1:
             cut = min(cut, pos)
-    return text[:cut].strip()
+    for header in s.section_headers:
+        m = _header_line(header).search(text)
+        if m:
+            cut = min(cut, m.start())
+    return cut

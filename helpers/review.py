@@ -1,36 +1,27 @@
-"""Reading answers by hand: a side-by-side table, a rating widget that saves as you go, agreement.
+"""Reading answers by hand: a side-by-side table, a rating widget, a terminal fallback.
 
-Ratings live in a JSON or JSONL file (chosen by the suffix). Every rating rewrites that file
-atomically, so closing the notebook at any moment loses nothing, and reopening the tool
-resumes at the first unrated answer. Several reviewers' files merge into one table with
-percent agreement and Cohen's kappa.
+The widget (`ReviewTool`) and `review_in_terminal` save every rating at once through
+`helpers.ratings.RatingStore`, and reopening either resumes at the first unrated answer.
+Comparing reviewers (merge, agreement, kappa) is in `helpers.ratings`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 import textwrap
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
-from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ipywidgets as w
 import pandas as pd
+
+from helpers.metrics import normalize_text
+from helpers.ratings import SCALES, RatingStore
+from helpers.responses import RESPONSE_KEY
 
 if TYPE_CHECKING:
     from pandas.io.formats.style import Styler
-
-from helpers.atomic import atomic_write_text
-from helpers.evaluate import RESPONSE_KEY, normalize_text
-
-SCALES: dict[str, tuple[str, ...]] = {
-    "3-level": ("correct", "partly", "wrong"),
-    "1-5": ("1", "2", "3", "4", "5"),
-}
 
 
 def _frame(entries: Sequence[Mapping[str, Any]], response_key: str) -> pd.DataFrame:
@@ -110,105 +101,6 @@ def print_review_table(entries: Sequence[Mapping[str, Any]], **kw: Any) -> None:
     print(format_review_text(entries, **kw))
 
 
-def entry_id(entry: Mapping[str, Any], response_key: str = RESPONSE_KEY) -> str:
-    """Short hash of an entry and its answer, so ratings cannot attach to a different answer."""
-    parts = [entry["instruction"], entry.get("input", ""), entry["output"], entry[response_key]]
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
-
-
-class RatingStore:
-    """Ratings of one reviewer in a .json or .jsonl file; each `rate` saves atomically."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        reviewer: str = "reviewer",
-        scale: str = "3-level",
-        entries: Sequence[Mapping[str, Any]] | None = None,
-        response_key: str = RESPONSE_KEY,
-    ) -> None:
-        if scale not in SCALES:
-            raise ValueError(f"Unknown scale {scale!r}; valid: {', '.join(SCALES)}")
-        self.path, self.reviewer, self.scale = Path(path), reviewer, scale
-        self.ratings: dict[int, dict] = {}
-        # Ratings given to a different answer at the same index (responses regenerated since):
-        # they do not count as done, but stay in the file until that entry is rated again.
-        self.stale: dict[int, dict] = {}
-        keys = [entry_id(e, response_key) for e in entries] if entries is not None else None
-        if self.path.is_file():
-            for rec in _read_ratings(self.path):
-                i = int(rec["index"])
-                if (
-                    keys is not None
-                    and rec.get("entry_id")
-                    and (i >= len(keys) or rec["entry_id"] != keys[i])
-                ):
-                    self.stale[i] = rec
-                else:
-                    self.ratings[i] = rec
-                self.reviewer = rec.get("reviewer", self.reviewer)
-        if self.stale:
-            warnings.warn(
-                f"{self.path.name}: {len(self.stale)} rating(s) belong to different answers "
-                "(responses changed since); those entries count as unrated",
-                stacklevel=2,
-            )
-
-    def rate(self, index: int, rating: str | int, note: str = "", *, entry_key: str = "") -> dict:
-        """Record (or replace) the rating of entry `index` and save the file."""
-        rating = str(rating)
-        if rating not in SCALES[self.scale]:
-            raise ValueError(
-                f"Rating {rating!r} not on the {self.scale} scale {SCALES[self.scale]}"
-            )
-        rec = {
-            "index": int(index),
-            "entry_id": entry_key,
-            "rating": rating,
-            "note": note,
-            "reviewer": self.reviewer,
-            "scale": self.scale,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self.ratings[int(index)] = rec
-        self.stale.pop(int(index), None)
-        self.save()
-        return rec
-
-    def save(self) -> None:
-        """Rewrite the whole file atomically (small: one line per rated answer)."""
-        kept = {**self.stale, **self.ratings}
-        recs = [kept[i] for i in sorted(kept)]
-        if self.path.suffix == ".jsonl":
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-        else:
-            text = json.dumps(
-                {"reviewer": self.reviewer, "ratings": recs}, indent=1, ensure_ascii=False
-            )
-        atomic_write_text(self.path, text)
-
-    def first_unrated(self, n: int) -> int:
-        """Index of the first of `n` entries without a rating (n when all are rated)."""
-        return next((i for i in range(n) if i not in self.ratings), n)
-
-
-def _read_ratings(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            doc = json.loads(text)
-            recs = doc["ratings"] if isinstance(doc, dict) else doc
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ValueError(f"{path.name}: not a ratings file ({exc})") from None
-    for i, rec in enumerate(recs):
-        if not isinstance(rec, dict) or "index" not in rec or "rating" not in rec:
-            raise ValueError(f"{path.name}: record {i} lacks 'index' or 'rating'")
-    return recs
-
-
 class ReviewTool:
     """ipywidgets tool: show one answer, rate it with a note, save, move on. `.widget` displays it."""
 
@@ -217,12 +109,10 @@ class ReviewTool:
         entries: Sequence[Mapping[str, Any]],
         path: str | Path,
         *,
-        reviewer: str = "reviewer",
+        reviewer: str | None = None,
         scale: str = "3-level",
         response_key: str = RESPONSE_KEY,
     ) -> None:
-        import ipywidgets as w
-
         self.entries, self.response_key = list(entries), response_key
         self.store = RatingStore(
             path, reviewer=reviewer, scale=scale, entries=self.entries, response_key=response_key
@@ -275,10 +165,7 @@ class ReviewTool:
         if self.index >= len(self.entries) or self.rating.value is None:
             self.status.value = "Pick a rating first."
             return
-        e = self.entries[self.index]
-        self.store.rate(
-            self.index, self.rating.value, self.note.value, entry_key=entry_id(e, self.response_key)
-        )
+        self.store.rate(self.index, self.rating.value, self.note.value)
         nxt = next(
             (i for i in range(self.index + 1, len(self.entries)) if i not in self.store.ratings),
             self.store.first_unrated(len(self.entries)),
@@ -290,7 +177,7 @@ def review_in_terminal(
     entries: Sequence[Mapping[str, Any]],
     path: str | Path,
     *,
-    reviewer: str = "reviewer",
+    reviewer: str | None = None,
     scale: str = "3-level",
     response_key: str = RESPONSE_KEY,
     input_fn: Callable[[str], str] = input,
@@ -310,60 +197,17 @@ def review_in_terminal(
                 "[0]", f"[{i}]", 1
             )
         )
-        answer = input_fn(f"rating {'/'.join(options)} (empty to stop): ").strip()
+        answer = _ask_rating(options, input_fn)
         if not answer:
             break
-        note = input_fn("note: ").strip()
-        store.rate(i, answer, note, entry_key=entry_id(entries[i], response_key))
+        store.rate(i, answer, input_fn("note: ").strip())
     return store
 
 
-def merge_reviews(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """One column per reviewer, one row per entry index, cells are ratings (NaN if unrated)."""
-    columns = {}
-    for p in paths:
-        recs = _read_ratings(Path(p))
-        name = next((r.get("reviewer") for r in recs if r.get("reviewer")), Path(p).stem)
-        if name in columns:
-            name = f"{name} ({Path(p).stem})"
-        columns[name] = pd.Series({int(r["index"]): str(r["rating"]) for r in recs})
-    df = pd.DataFrame(columns).sort_index()
-    df.index.name = "index"
-    return df
-
-
-def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float:
-    """Cohen's kappa of two raters' labels: agreement corrected for chance, 1 = perfect."""
-    if len(a) != len(b) or not a:
-        raise ValueError("cohen_kappa needs two equally long, non-empty rating lists")
-    n = len(a)
-    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
-    labels = set(a) | set(b)
-    expected = sum((list(a).count(k) / n) * (list(b).count(k) / n) for k in labels)
-    if expected == 1.0:  # both raters used one and the same label throughout
-        return 1.0
-    return (observed - expected) / (1.0 - expected)
-
-
-def agreement(merged: pd.DataFrame) -> pd.DataFrame:
-    """Pairwise percent agreement and Cohen's kappa over the entries both reviewers rated."""
-    rows = []
-    for r1, r2 in combinations(merged.columns, 2):
-        both = merged[[r1, r2]].dropna()
-        if both.empty:
-            continue
-        a, b = both[r1].tolist(), both[r2].tolist()
-        rows.append(
-            {
-                "rater_1": r1,
-                "rater_2": r2,
-                "n_both": len(both),
-                "percent_agreement": 100.0
-                * sum(x == y for x, y in zip(a, b, strict=True))
-                / len(a),
-                "cohen_kappa": cohen_kappa(a, b),
-            }
-        )
-    return pd.DataFrame(
-        rows, columns=["rater_1", "rater_2", "n_both", "percent_agreement", "cohen_kappa"]
-    )
+def _ask_rating(options: Sequence[str], input_fn: Callable[[str], str]) -> str:
+    """A rating from `options`, asked again after a typo; empty means stop."""
+    while True:
+        answer = input_fn(f"rating {'/'.join(options)} (empty to stop): ").strip()
+        if not answer or answer in options:
+            return answer
+        print(f"{answer!r} is not one of {', '.join(options)}")

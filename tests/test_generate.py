@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.generate import generate, generate_batch, generate_responses
+from helpers.generate import (
+    generate,
+    generate_batch,
+    generate_responses,
+    generate_test_responses,
+)
 from helpers.model import GPTModel
 from helpers.prompts import extract_response, format_prompt
+from helpers.responses import load_responses
 from helpers.tokenizer import decode, encode
 
 LENGTHS = (5, 17, 9, 30, 1, 12)
@@ -149,13 +155,42 @@ def test_generate_restores_training_mode(model, prompts):
         model.eval()
 
 
-def test_generate_responses_keeps_order(model, chapter_data):
-    entries = chapter_data[:5]
-    got = generate_responses(model, entries, max_new_tokens=8, batch_size=2, progress=False)
-    expected = [
-        extract_response(decode(generate_batch(model, [encode(format_prompt(e))], 8)[0]))
-        for e in entries
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_generate_responses_batched_equals_one_by_one(model, chapter_data, style):
+    entries = chapter_data[:7]
+    prompts = [encode(format_prompt(e, style)) for e in entries]
+    assert len({len(p) for p in prompts}) >= 5  # batches really mix prompt lengths
+    got = generate_responses(
+        model, entries, style=style, max_new_tokens=8, batch_size=3, progress=False
+    )
+    single = [generate_batch(model, [p], 8)[0] for p in prompts]
+    # In the entries' order, and the same tokens as generating each prompt on its own.
+    assert got == [extract_response(decode(t), style) for t in single]
+    assert len({tuple(t) for t in single}) > 1 and any(got)
+
+
+def test_generate_test_responses_records_settings(model, tmp_path):
+    entries = [
+        {"instruction": "Name the capital of France.", "input": "", "output": "Paris."},
+        {"instruction": "Add.", "input": "2 + 3", "output": "5"},
     ]
-    assert got == expected
-    phi3 = generate_responses(model, entries[:2], style="phi3", max_new_tokens=4, progress=False)
-    assert len(phi3) == 2
+    rs = generate_test_responses(
+        model,
+        entries,
+        tmp_path / "out.json",
+        model_name="tiny",
+        checkpoint="none",
+        style="phi3",
+        max_new_tokens=5,
+        progress=False,
+    )
+    # Same code path as generate_responses: identical answers.
+    expected = generate_responses(model, entries, style="phi3", max_new_tokens=5, progress=False)
+    assert [e["model_response"] for e in rs.entries] == expected
+    loaded = load_responses(tmp_path / "out.json")
+    assert loaded.entries == rs.entries
+    meta = loaded.metadata
+    assert (
+        meta["model"] == "tiny" and meta["prompt_style"] == "phi3" and meta["checkpoint"] == "none"
+    )
+    assert meta["generation"]["max_new_tokens"] == 5 and meta["generation"]["decoding"] == "greedy"

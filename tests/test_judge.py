@@ -14,16 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers.judge import (
-    CHAPTER_PROMPT,
-    JudgeClient,
-    JudgeServerError,
-    build_prompt,
-    ollama_client,
-    openai_client,
-    parse_score,
-    score_entries,
-)
+from helpers.judge import JudgeClient, JudgeServerError, ollama_client, openai_client
+from helpers.judge_scoring import CHAPTER_PROMPT, judge_prompt, parse_score, score_entries
 
 
 @pytest.mark.parametrize(
@@ -59,7 +51,7 @@ def test_parse_score_rubric():
 
 def test_chapter_prompt_matches_the_book(responses_path):
     entry = json.loads(responses_path.read_text())[0]
-    prompt = build_prompt(entry, "chapter")
+    prompt = judge_prompt(entry, "chapter")
     assert prompt.startswith("Given the input `Below is an instruction that describes a task.")
     assert "and correct output `The car is as fast as lightning.`" in prompt
     assert prompt.endswith(
@@ -67,7 +59,7 @@ def test_chapter_prompt_matches_the_book(responses_path):
         " where 100 is the best score. Respond with the integer number only."
     )
     assert CHAPTER_PROMPT.count("{") == 3
-    assert "1 to 5" in build_prompt(entry, "rubric")
+    assert "1 to 5" in judge_prompt(entry, "rubric")
 
 
 class FakeJudge(ThreadingHTTPServer):
@@ -139,7 +131,7 @@ def test_scoring_counts_unparseable_and_sends_deterministic_options(entries):
     first = server.requests[0]
     assert first["model"] == "llama3" and first["stream"] is False
     assert first["options"]["temperature"] == 0 and first["options"]["seed"] == 123
-    assert first["messages"][0]["content"] == build_prompt(entries[0])
+    assert first["messages"][0]["content"] == judge_prompt(entries[0])
 
 
 def test_interrupted_run_resumes_from_cache(entries, tmp_path):

@@ -9,12 +9,12 @@ import torch
 
 from helpers.mcq import (
     MCQuestion,
-    build_prompt,
     choice_logprobs,
     continuations,
     evaluate_mcq,
     load_mcq,
     mcq_accuracy,
+    mcq_prompt,
 )
 from helpers.model import GPTModel
 from helpers.tokenizer import encode
@@ -58,7 +58,7 @@ def test_mmlu_csv_format(tmp_path):
     qs = load_mcq(csv_path)
     assert qs[0] == MCQuestion("What is 1, plus 1?", ("1", "2", "3", "4"), 1, "high school physics")
     assert qs[1].answer == 0
-    assert build_prompt(qs[0]) == (
+    assert mcq_prompt(qs[0]) == (
         "The following is a multiple choice question about high school physics.\n\n"
         "What is 1, plus 1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
     )

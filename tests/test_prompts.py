@@ -54,10 +54,21 @@ def test_phi3_exact_template():
     assert format_response(NO_INPUT, "phi3") == "\n<|assistant|>:\nParis."
 
 
-def test_training_text_is_prompt_plus_output():
-    for style in PROMPT_STYLES:
-        for entry in (WITH_INPUT, NO_INPUT):
-            assert format_example(entry, style) == format_prompt(entry, style) + entry["output"]
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+@pytest.mark.parametrize("entry", [WITH_INPUT, NO_INPUT], ids=["input", "no-input"])
+def test_each_style_formats_an_entry_and_extracts_it_back(style, entry):
+    prompt = format_prompt(entry, style)
+    # The instruction, then the input (when there is one), then the response header last.
+    at = prompt.index(entry["instruction"])
+    if entry["input"]:
+        assert prompt.index(entry["input"], at) > at
+    assert prompt.endswith(get_style(style).response_header)
+    text = format_example(entry, style)
+    assert text.startswith(prompt) and text.endswith(entry["output"])
+    # Round trip: the prompt is recognised and removed, the answer comes back unchanged.
+    assert extract_response(text, style) == entry["output"]
+    assert extract_response(text, style, prompt=prompt) == entry["output"]
+    assert extract_response(text[len(prompt) :], style) == entry["output"]
 
 
 def test_style_lookup():
@@ -101,3 +112,41 @@ def test_extract_new_tokens_followed_by_an_invented_turn(style):
     invented = format_prompt(NO_INPUT, style) + "Paris."
     assert extract_response("Lightning fast.\n\n" + invented, style) == "Lightning fast."
     assert extract_response(format_prompt(WITH_INPUT, style) + "A.\n" + invented, style) == "A."
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_extract_after_a_prompt_without_response_header(style):
+    # The chapter generates from format_input (no header); a model that writes none.
+    prompt = format_input(WITH_INPUT, style)
+    generated = prompt + "\n\nThe car is as fast as lightning."
+    assert extract_response(generated, style) == "The car is as fast as lightning."
+    assert extract_response(generated, style, prompt=prompt) == ("The car is as fast as lightning.")
+    # A model that writes the header itself, as in the chapter.
+    wrote = prompt + get_style(style).response_header + "Fast."
+    assert extract_response(wrote, style, prompt=prompt) == "Fast."
+    assert extract_response(wrote, style) == "Fast."
+    assert extract_response(prompt, style) == ""  # nothing generated yet
+
+
+def test_section_headers_cut_only_as_whole_lines():
+    prompt = format_prompt(WITH_INPUT)
+    mention = "Put the data under ### Input: and the task under ### Instruction: in Alpaca."
+    assert extract_response(prompt + mention) == mention
+    assert extract_response(mention) == mention
+    assert extract_response(prompt + "A.\n### Input:\nmore") == "A."
+    assert extract_response("A.\n  ### Response:  \nB") == "A."
+    # The response header inside a sentence is not mistaken for the prompt's header.
+    assert extract_response("It says ### Response: here.") == "It says ### Response: here."
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_extract_response_both_styles(style):
+    prompt = format_prompt(NO_INPUT, style)
+    assert extract_response(prompt + " The capital is Paris. <|endoftext|>junk", style) == (
+        "The capital is Paris."
+    )
+    # A model that starts a new turn of the template is cut there.
+    nxt = "### Instruction:\n" if style == "alpaca" else "<|user|>"
+    assert extract_response(prompt + "Paris.\n\n" + nxt + " more", style) == "Paris."
+    # Generated text without the prompt in front (what generate_responses decodes).
+    assert extract_response("  Paris. ", style) == "Paris."

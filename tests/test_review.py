@@ -6,14 +6,11 @@ import json
 
 import pytest
 
+from helpers.ratings import RatingStore, agreement, cohen_kappa, merge_reviews
+from helpers.responses import entry_id
 from helpers.review import (
-    RatingStore,
     ReviewTool,
-    agreement,
-    cohen_kappa,
-    entry_id,
     format_review_text,
-    merge_reviews,
     review_frame,
     review_in_terminal,
     review_table,

@@ -1,0 +1,83 @@
+"""Response files: test-split answers on disk, and the one id that names an answer.
+
+A response file is JSON: either the chapter's plain list of entries with a `model_response`
+field, or `{"metadata": {...}, "entries": [...]}` that also records which model, checkpoint,
+prompt style and generation settings produced the answers.
+
+`entry_id` is the single fingerprint of an entry and its answer: ratings (helpers.ratings)
+and judge scores (helpers.judge_scoring) are stored under it, so neither can attach to an
+answer that was regenerated since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from helpers.atomic import atomic_write_text
+
+RESPONSE_KEY = "model_response"
+REQUIRED_FIELDS = ("instruction", "output")
+
+
+class ResponseSet(NamedTuple):
+    """Entries with model answers, plus how they were produced (empty for the chapter's file)."""
+
+    entries: list[dict]
+    metadata: dict
+
+
+def entry_id(entry: Mapping[str, Any], response_key: str = RESPONSE_KEY) -> str:
+    """Short hash of an entry's instruction, input, expected output and answer."""
+    parts = [entry["instruction"], entry.get("input", ""), entry["output"], entry[response_key]]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def save_responses(
+    entries: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    response_key: str = RESPONSE_KEY,
+) -> Path:
+    """Save entries (each with `response_key`) and metadata as one JSON file, atomically."""
+    _validate_entries(list(entries), response_key, source="entries to save")
+    doc = {"metadata": dict(metadata or {}), "entries": [dict(e) for e in entries]}
+    return atomic_write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_responses(path: str | Path, *, response_key: str = RESPONSE_KEY) -> ResponseSet:
+    """Load a response file (chapter list or {metadata, entries}); errors name the bad entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Response file not found: {path.name}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path.name}: not UTF-8 text") from None
+    if isinstance(doc, list):
+        entries, metadata = doc, {}
+    elif isinstance(doc, dict) and isinstance(doc.get("entries"), list):
+        entries, metadata = doc["entries"], dict(doc.get("metadata") or {})
+    else:
+        raise ValueError(f"{path.name}: expected a list of entries or {{'metadata', 'entries'}}")
+    _validate_entries(entries, response_key, source=path.name)
+    return ResponseSet(entries, metadata)
+
+
+def _validate_entries(entries: list, response_key: str, *, source: str) -> None:
+    if not entries:
+        raise ValueError(f"{source}: no entries")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: entry {i} is {type(entry).__name__}, expected an object")
+        for field in (*REQUIRED_FIELDS, response_key):
+            if not isinstance(entry.get(field), str):
+                raise ValueError(f"{source}: entry {i} lacks a text field {field!r}")
+        if not isinstance(entry.get("input", ""), str):
+            raise ValueError(f"{source}: entry {i} field 'input' must be text")
