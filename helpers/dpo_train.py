@@ -1,0 +1,343 @@
+"""The DPO training loop: policy from the instruction model, frozen reference, exact resume.
+
+`train_dpo` follows the book's `train_model_dpo_simple` (AdamW with a small learning rate,
+one epoch, beta 0.1, evaluation every 5 steps on 5 batches) and the course's conventions: a
+tqdm bar, a pandas history, atomic checkpoints that resume to the same weights and history,
+and `plot_dpo_history` for the loss and reward-margin curves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from helpers.atomic import atomic_path
+from helpers.batching import loader_generators
+from helpers.dpo import dpo_loss_batch, dpo_loss_loader, freeze_reference
+from helpers.model import eval_mode
+
+DPO_CHECKPOINT_FORMAT = "course-dpo-checkpoint/1"
+CHECKPOINT_NAME = "dpo-checkpoint.pt"
+METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin")
+HISTORY_COLUMNS = [
+    "step",
+    "epoch",
+    "tokens_seen",
+    *(f"{split}_{m}" for split in ("train", "val") for m in METRICS),
+]
+# Settings that must match for a resumed run to continue the same one.
+RESUME_KEYS = ("seed", "beta", "eval_freq", "eval_iter", "lr", "weight_decay")
+
+
+class DPOCheckpointError(ValueError):
+    """A DPO checkpoint that is missing, unreadable, or does not fit this run."""
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """The book's DPO settings; `max_steps` stops early (with a checkpoint) e.g. to resume."""
+
+    num_epochs: int = 1
+    lr: float = 5e-6
+    weight_decay: float = 0.01
+    beta: float = 0.1
+    eval_freq: int = 5
+    eval_iter: int = 5
+    seed: int = 123
+    max_steps: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    progress: bool = True
+    log_evals: bool = True
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """sha256 of every tensor of the state dict, in key order: equal iff the weights are."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _capture_rng(generators: list[torch.Generator]) -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], generators: list[torch.Generator]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    for gen, saved in zip(generators, state["generators"], strict=True):
+        gen.set_state(saved.cpu())
+
+
+def dpo_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file; a directory (or a name without suffix) means the file inside it."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() or path.suffix == "" else path
+
+
+def save_dpo_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a DPO checkpoint atomically (tensors, numbers, strings, lists and dicts only)."""
+    path = dpo_checkpoint_path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": DPO_CHECKPOINT_FORMAT, **state}, tmp)
+    return path
+
+
+def load_dpo_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint from `save_dpo_checkpoint` with `weights_only=True` (no code runs)."""
+    path = dpo_checkpoint_path(path)
+    if not path.is_file():
+        raise DPOCheckpointError(f"no DPO checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or corrupt files raise many different errors
+        raise DPOCheckpointError(f"cannot read DPO checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != DPO_CHECKPOINT_FORMAT:
+        raise DPOCheckpointError(f"{path} is not a DPO checkpoint ({DPO_CHECKPOINT_FORMAT})")
+    return state
+
+
+def _check_resume(ckpt: dict, config: DPOConfig, n_batches: int, reference: str) -> None:
+    saved = ckpt.get("config", {})
+    for key in RESUME_KEYS:
+        if saved.get(key) != getattr(config, key):
+            raise DPOCheckpointError(
+                f"cannot resume: {key}={getattr(config, key)!r} but the checkpoint used "
+                f"{saved.get(key)!r}"
+            )
+    if ckpt.get("train_batches") != n_batches:
+        raise DPOCheckpointError(
+            f"cannot resume: the train loader has {n_batches} batches, the checkpoint was "
+            f"made with {ckpt.get('train_batches')}"
+        )
+    if ckpt.get("reference") != reference:
+        raise DPOCheckpointError(
+            "cannot resume: the reference model differs from the one the checkpoint was "
+            "trained against (load the same instruction-tuned model)"
+        )
+
+
+class _Run:
+    """State of one training run, split into small steps for readability."""
+
+    def __init__(
+        self, policy, reference, train_loader, val_loader, config, device, callback
+    ) -> None:
+        self.policy, self.reference, self.config, self.device = policy, reference, config, device
+        self.callback = callback
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.gens = loader_generators(train_loader)
+        self.pos = {"step": 0, "epoch": 0, "batches": 0, "tokens_seen": 0}
+        self.history: list[dict] = []
+        self.reference_print = state_fingerprint(reference)
+        self.pending_rng: dict | None = None
+        self.snap = self.snapshot()
+
+    def resume(self, path: str | os.PathLike) -> None:
+        ckpt = load_dpo_checkpoint(path)
+        _check_resume(ckpt, self.config, len(self.train_loader), self.reference_print)
+        self.policy.load_state_dict(ckpt["policy"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.pos = {k: int(ckpt["pos"][k]) for k in self.pos}
+        self.history = [dict(row) for row in ckpt["history"]]
+        self.pending_rng = ckpt["rng"]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"pos": dict(self.pos), "rng": _capture_rng(self.gens), "n": len(self.history)}
+
+    def save(self, snap: dict[str, Any]) -> None:
+        if self.config.checkpoint_dir is None:
+            return
+        state = {
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "pos": snap["pos"],
+            "rng": snap["rng"],
+            "history": [dict(row) for row in self.history[: snap["n"]]],
+            "config": asdict(self.config),
+            "train_batches": len(self.train_loader),
+            "reference": self.reference_print,
+        }
+        save_dpo_checkpoint(self.config.checkpoint_dir, state)
+
+    def evaluate(self) -> None:
+        c = self.config
+        row: dict[str, Any] = {
+            "step": self.pos["step"] - 1,  # the book's 0-based global step
+            "epoch": self.pos["epoch"] + self.pos["batches"] / len(self.train_loader),
+            "tokens_seen": self.pos["tokens_seen"],
+        }
+        with eval_mode(self.policy):
+            for split, loader in (("train", self.train_loader), ("val", self.val_loader)):
+                res = dpo_loss_loader(
+                    loader, self.policy, self.reference, c.beta, self.device, c.eval_iter
+                )
+                row.update({f"{split}_{k}": v for k, v in res.items()})
+        self.history.append(row)
+        if self.callback is not None:
+            self.callback(self.frame())
+        if c.log_evals:
+            tqdm.write(
+                f"Ep {int(row['epoch'] - 1e-9) + 1} (Step {row['step']:06d}): "
+                f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}, "
+                f"Train reward margin {row['train_reward_margin']:.3f}, "
+                f"Val reward margin {row['val_reward_margin']:.3f}"
+            )
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.history, columns=HISTORY_COLUMNS)
+
+    def needs_eval(self) -> bool:
+        step = self.pos["step"] - 1
+        done = bool(self.history) and self.history[-1]["step"] == step
+        return step >= 0 and step % self.config.eval_freq == 0 and not done
+
+    def done(self) -> bool:
+        max_steps = self.config.max_steps
+        finished = self.pos["epoch"] >= self.config.num_epochs
+        return finished or (max_steps is not None and self.pos["step"] >= max_steps)
+
+    def train_step(self, batch: dict[str, Any]) -> None:
+        self.optimizer.zero_grad()
+        loss, _, _ = dpo_loss_batch(
+            batch, self.policy, self.reference, self.config.beta, self.device
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"DPO loss is {loss.item()} at step {self.pos['step']}; lower the learning rate"
+            )
+        loss.backward()
+        self.optimizer.step()
+        self.pos["step"] += 1
+        self.pos["batches"] += 1
+        self.pos["tokens_seen"] += batch["chosen"].numel() + batch["rejected"].numel()
+        if self.pos["batches"] == len(self.train_loader):
+            self.pos["epoch"] += 1
+            self.pos["batches"] = 0
+
+    def run_epoch(self, bar: Any) -> None:
+        epoch_seed = self.config.seed + self.pos["epoch"]
+        torch.manual_seed(epoch_seed)  # each epoch's order depends on (seed, epoch) only
+        for gen in self.gens:
+            gen.manual_seed(epoch_seed)
+        batches = iter(self.train_loader)
+        for _ in range(self.pos["batches"]):  # replay the order up to the checkpoint
+            next(batches)
+        if self.pending_rng is not None and self.pos["batches"]:
+            _restore_rng(self.pending_rng, self.gens)
+        self.pending_rng = None
+        self.snap = self.snapshot()
+        if self.needs_eval():  # interrupted between a step and its evaluation
+            self.evaluate()
+            self.snap = self.snapshot()
+        for batch in batches:
+            self.train_step(batch)
+            # The weights just changed: this is the resume point, before the evaluation.
+            self.snap = self.snapshot()
+            bar.update(1)
+            if self.needs_eval():
+                self.evaluate()
+                self.snap = self.snapshot()
+            every = self.config.checkpoint_every
+            if every and self.pos["step"] % every == 0:
+                self.save(self.snap)
+            if self.done():
+                break
+
+
+def train_dpo(
+    policy: nn.Module,
+    reference: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    *,
+    config: DPOConfig | None = None,
+    device: str | torch.device | None = None,
+    resume_from: str | os.PathLike | None = None,
+    callback: Callable[[pd.DataFrame], None] | None = None,
+) -> pd.DataFrame:
+    """Train `policy` with DPO against the frozen `reference`; returns the history.
+
+    Columns: step, epoch, tokens_seen, then loss, chosen/rejected reward and reward margin
+    for the train and the validation pairs (`eval_iter` batches each, every `eval_freq`
+    steps). With `config.checkpoint_dir` a checkpoint is written at the end (and every
+    `checkpoint_every` steps, and on Ctrl-C); `resume_from` continues from one exactly.
+    `callback(history)` runs after every evaluation (e.g. a live plot). `history.attrs`
+    holds the `steps` and `tokens_seen` so far.
+    """
+    config = config or DPOConfig()
+    if len(train_loader) == 0:
+        raise ValueError("the training loader is empty")
+    device = torch.device(device) if device is not None else next(policy.parameters()).device
+    policy.to(device)
+    freeze_reference(reference.to(device), copy_model=False)
+    run = _Run(policy, reference, train_loader, val_loader, config, device, callback)
+    if resume_from is not None:
+        run.resume(resume_from)
+    total = len(train_loader) * config.num_epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    bar = tqdm(total=total, initial=min(run.pos["step"], total), desc="DPO", unit="step",
+               disable=not config.progress)  # fmt: skip
+    policy.train()
+    try:
+        while not run.done():
+            run.run_epoch(bar)
+    except KeyboardInterrupt:
+        run.save(run.snap)  # the last step boundary: --resume continues from there
+        raise
+    finally:
+        bar.close()
+        policy.eval()
+    run.save(run.snap)
+    history = run.frame()
+    history.attrs.update(steps=run.pos["step"], tokens_seen=run.pos["tokens_seen"])
+    return history
+
+
+def plot_dpo_history(history: Any, *, title: str | None = None) -> Figure:
+    """Two panels against the step: DPO loss, and reward margin (chosen minus rejected)."""
+    df = pd.DataFrame(history)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, metric, label in ((ax1, "loss", "DPO loss"), (ax2, "reward_margin", "Reward margin")):
+        ax.plot(df["step"], df[f"train_{metric}"], label=f"Training {label.lower()}")
+        ax.plot(
+            df["step"], df[f"val_{metric}"], linestyle="-.", label=f"Validation {label.lower()}"
+        )
+        ax.set_xlabel("Step")
+        ax.set_ylabel(label)
+        ax.legend(loc="best", fontsize=8)
+    ax2.axhline(0.0, color="grey", linewidth=0.8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
