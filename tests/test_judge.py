@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -67,9 +68,10 @@ class FakeJudge(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, script=(), fail_first=0):
+    def __init__(self, script=(), fail_first=0, non_json_first=0, delay=0.0):
         super().__init__(("127.0.0.1", 0), _FakeHandler)
         self.script, self.fail_first = list(script), fail_first
+        self.non_json_first, self.delay = non_json_first, delay
         self.requests: list[dict] = []
         self.headers_seen: list[dict] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -93,6 +95,11 @@ class _FakeHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if srv.non_json_first > 0:  # a proxy's error page with status 200
+            srv.non_json_first -= 1
+            self._send(b"<html>502 Bad Gateway</html>")
+            return
+        time.sleep(srv.delay)  # a slow server: up, but late
         srv.requests.append(body)
         text = srv.script.pop(0) if srv.script else "50"
         if self.path == "/api/chat":
@@ -103,11 +110,16 @@ class _FakeHandler(BaseHTTPRequestHandler):
             }
         else:
             out = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
-        data = json.dumps(out).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._send(json.dumps(out).encode())
+
+    def _send(self, data):
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting (the read-timeout test)
 
 
 @pytest.fixture()
@@ -182,6 +194,7 @@ def test_server_down_gives_advice_not_a_traceback(unused_port):
 
 
 def test_api_key_from_env_never_shown(monkeypatch, entries, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("JUDGE_API_KEY", "sk-secret-123")
     server = FakeJudge(["80"])
     client = openai_client(server.url, "m")
@@ -227,3 +240,101 @@ def unused_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _auth_seen(client, server):
+    try:
+        client.chat("hello")
+    finally:
+        server.shutdown()
+    return server.headers_seen[-1].get("Authorization")
+
+
+def test_openai_key_goes_only_to_openai(monkeypatch):
+    monkeypatch.delenv("JUDGE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-456")
+    # A third-party (here plain-HTTP, local) server never receives OPENAI_API_KEY.
+    server = FakeJudge(["1"])
+    assert _auth_seen(openai_client(server.url + "/v1", "m"), server) is None
+    assert openai_client("http://api.openai.com/v1", "m").api_key is None  # not https
+    assert openai_client("https://api.openai.com.evil.example/v1", "m").api_key is None
+    official = openai_client("https://api.openai.com/v1", "gpt-4o-mini")
+    assert official.api_key == "sk-openai-456" and "sk-openai" not in repr(official)
+    # JUDGE_API_KEY or an explicit key is meant for the judge server, whichever it is.
+    server = FakeJudge(["1"])
+    assert _auth_seen(openai_client(server.url, "m", api_key="sk-mine"), server) == (
+        "Bearer sk-mine"
+    )
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-judge")
+    server = FakeJudge(["1"])
+    assert _auth_seen(openai_client(server.url, "m"), server) == "Bearer sk-judge"
+
+
+def test_key_not_in_error_messages(unused_port):
+    client = openai_client(f"http://127.0.0.1:{unused_port}", "m", api_key="sk-hidden-789")
+    client.retries, client.backoff = 0, 0.0
+    with pytest.raises(JudgeServerError) as err:
+        client.chat("hello")
+    assert "sk-hidden" not in str(err.value) and "sk-hidden" not in repr(client)
+
+
+def test_unparseable_replies_are_asked_again_on_resume(entries, tmp_path):
+    cache = tmp_path / "judge.jsonl"
+    server = FakeJudge(["I cannot rate this.", "80", "9" * 309])
+    client = ollama_client(base_url=server.url)
+    try:
+        first = score_entries(entries[:3], client, cache_path=cache, progress=False)
+        server.script = ["75", "70"]
+        second = score_entries(entries[:3], client, cache_path=cache, progress=False)
+    finally:
+        server.shutdown()
+    assert first.scores == [None, 80, None]  # a 309-digit number is no score, not a crash
+    assert second.scores == [75, 80, 70] and second.n_cached == 1
+    assert len(server.requests) == 5
+
+
+def test_truncated_last_line_is_repaired_not_merged_into_the_next(entries, tmp_path):
+    cache = tmp_path / "judge.jsonl"
+    server = FakeJudge(["10", "20"])
+    client = ollama_client(base_url=server.url)
+    try:
+        score_entries(entries[:1], client, cache_path=cache, progress=False)
+        with cache.open("ab") as f:  # crash mid-line, even mid-character
+            f.write('{"entry_id": "x", "reply": "caf\u00e9'.encode()[:-1])
+        score_entries(entries[:2], client, cache_path=cache, progress=False)
+        third = score_entries(entries[:2], client, cache_path=cache, progress=False)
+    finally:
+        server.shutdown()
+    assert third.scores == [10, 20] and third.n_cached == 2
+    lines = cache.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["score"] for line in lines)
+
+
+def test_non_utf8_cache_is_one_clear_error(entries, tmp_path):
+    cache = tmp_path / "judge.jsonl"
+    cache.write_bytes(b'{"reply": "\xff\xfe"}\n')
+    with pytest.raises(ValueError, match=r"judge\.jsonl: judge cache is not UTF-8"):
+        score_entries(entries[:1], ollama_client(), cache_path=cache, progress=False)
+
+
+def test_reply_that_is_not_json_is_retried_then_reported(entries):
+    server = FakeJudge(["66"], non_json_first=1)
+    try:
+        client = ollama_client(base_url=server.url, retries=2, backoff=0.01)
+        assert score_entries(entries[:1], client, progress=False).scores == [66]
+        server.non_json_first = 5
+        with pytest.raises(JudgeServerError, match=r"kept failing \(3 attempts\).*not JSON"):
+            client.chat("hello")
+    finally:
+        server.shutdown()
+
+
+def test_read_timeout_is_not_reported_as_server_down():
+    server = FakeJudge(["1"], delay=1.0)
+    try:
+        client = ollama_client(base_url=server.url, timeout=0.2, retries=0)
+        with pytest.raises(JudgeServerError, match="no reply within 0.2 s") as err:
+            client.chat("hello")
+    finally:
+        server.shutdown()
+    assert "ollama serve" not in str(err.value)

@@ -113,3 +113,14 @@ def test_mean_normalisation_divides_by_token_count(model):
     lengths = [len(encode(c)) for c in continuations(q, "text")]
     for s, m, n in zip(res_sum.loc[0, "scores"], res_mean.loc[0, "scores"], lengths, strict=True):
         assert m == pytest.approx(s / n, abs=2e-3)
+
+
+def test_scoring_runs_without_dropout_and_restores_training_mode(tiny_config):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = GPTModel(replace(tiny_config, drop_rate=0.5)).train()
+    q = MCQuestion("Pick one.", ("yes", "no"), 0)
+    first = evaluate_mcq(model, [q], mode="text").loc[0, "scores"]
+    assert model.training  # put back as it was
+    assert evaluate_mcq(model, [q], mode="text").loc[0, "scores"] == first  # no dropout noise

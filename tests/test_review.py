@@ -147,3 +147,101 @@ def test_ratings_of_changed_answers_do_not_count_but_are_kept(tmp_path):
         assert set(RatingStore(path, entries=changed).stale) == {1}
     reopened.rate(1, "partly", entry_key=entry_id(changed[1]))
     assert RatingStore(path, entries=changed).first_unrated(3) == 3
+
+
+_RATE_40 = """
+import sys
+from helpers.ratings import RatingStore
+path, reviewer, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = RatingStore(path, reviewer=reviewer)
+sys.stdout.write("ready\\n"); sys.stdout.flush(); sys.stdin.readline()
+for i in range(start, start + 40):
+    store.rate(i, "correct" if i % 2 else "wrong", f"note {i}")
+"""
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_two_processes_rating_one_file_lose_nothing(tmp_path, suffix):
+    import subprocess
+    import sys
+
+    path = tmp_path / f"shared{suffix}"
+    # Two reviewers on the same entries, and one reviewer from two tools on different entries.
+    jobs = [("ann", 0), ("ben", 0), ("cy", 0), ("cy", 40)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RATE_40, str(path), name, str(start)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name, start in jobs
+    ]
+    for p in procs:  # all started and holding a store: then let them rate at once
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        p.stdin.close()
+        assert p.wait(timeout=120) == 0
+    merged = merge_reviews([path])
+    assert list(merged.columns) == ["ann", "ben", "cy"]
+    assert merged["ann"].count() == 40 and merged["ben"].count() == 40
+    assert merged["cy"].count() == 80
+    cy = RatingStore(path, reviewer="cy")
+    assert cy.first_unrated(80) == 80 and cy.ratings[41]["note"] == "note 41"
+
+
+def test_each_rating_keeps_its_reviewer(tmp_path):
+    path = tmp_path / "alice.jsonl"
+    RatingStore(path, reviewer="alice").rate(0, "correct")
+    assert RatingStore(path).reviewer == "alice"  # the file's only reviewer, when none is given
+    bob = RatingStore(path, reviewer="bob")  # bob rates in alice's file
+    assert bob.ratings == {} and bob.first_unrated(2) == 0
+    bob.rate(0, "wrong")
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {(r["reviewer"], r["rating"]) for r in recs} == {("alice", "correct"), ("bob", "wrong")}
+    assert RatingStore(path, reviewer="alice").ratings[0]["rating"] == "correct"
+    assert merge_reviews([path]).loc[0].to_dict() == {"alice": "correct", "bob": "wrong"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"ratings": 5}', "field 'ratings' must be a list, found int"),
+        ("null", r"expected \{'ratings': \[...\]\} or a list, found NoneType"),
+        ("[5]", "record 0 lacks 'index' or 'rating'"),
+        ('[{"index": -1, "rating": "correct"}]', "record 0: index -1 must be a whole number >= 0"),
+        ('[{"index": "2", "rating": "correct"}]', "record 0: index '2' must be a whole number"),
+        ('[{"index": 0, "rating": "great"}]', "record 0: rating 'great' not on the 3-level scale"),
+        (
+            '[{"index": 0, "rating": "7", "scale": "1-5"}]',
+            "record 0: rated on the '1-5' scale, not '3-level'",
+        ),
+    ],
+)
+def test_malformed_review_files_give_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        RatingStore(path)
+    assert str(err.value).startswith("bad.json: ") and "\n" not in str(err.value)
+
+
+def test_off_scale_rating_in_a_file_is_rejected_also_when_merging(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"index": 0, "rating": "7", "scale": "1-5", "reviewer": "x"}\n')
+    with pytest.raises(ValueError, match=r"r\.jsonl: record 0: rating '7' not on the 1-5 scale"):
+        merge_reviews([path])
+
+
+def test_rate_rejects_negative_and_out_of_range_indices(tmp_path):
+    entries = [{"instruction": "Q", "input": "", "output": "A", "model_response": "R"}]
+    store = RatingStore(tmp_path / "r.jsonl", entries=entries)
+    with pytest.raises(ValueError, match="index -1 must be a whole number >= 0"):
+        store.rate(-1, "correct")
+    with pytest.raises(ValueError, match="index 1 is past the last of the 1 entries"):
+        store.rate(1, "correct")
+    rec = store.rate(0, "partly")
+    assert rec["entry_id"] == entry_id(entries[0])  # filled in from the entries it knows
