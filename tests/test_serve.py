@@ -5,6 +5,7 @@ Every network call has a timeout, so a broken server fails a test instead of han
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import socket
 import threading
@@ -32,6 +33,14 @@ openai = pytest.importorskip("openai")
 
 T = 30  # seconds: the limit of any one network operation in these tests
 USER = [{"role": "user", "content": "Name the capital of France."}]
+
+
+@pytest.fixture(autouse=True)
+def hang_guard():
+    """A hard bound on every test here: a hang dumps all threads' stacks and ends pytest."""
+    faulthandler.dump_traceback_later(180, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def tiny_model(tiny_config, context_length=512):
