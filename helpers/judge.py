@@ -31,7 +31,7 @@ class JudgeServerError(RuntimeError):
     """The judge server is unreachable or refused the request; the message says what to do."""
 
 
-def env_api_key(base_url: str) -> str | None:
+def _env_api_key(base_url: str) -> str | None:
     """The key the environment offers for `base_url`: JUDGE_API_KEY, or OPENAI_API_KEY for OpenAI."""
     if os.environ.get("JUDGE_API_KEY"):
         return os.environ["JUDGE_API_KEY"]
@@ -54,7 +54,7 @@ class JudgeClient:
     seed: int = 123
     temperature: float = 0.0
     max_tokens: int = 32
-    # Never shown in repr, never written to caches; for 'openai', read by `env_api_key`.
+    # Never shown in repr, never written to caches; for 'openai', read by `_env_api_key`.
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +64,7 @@ class JudgeClient:
         if self.api == "openai" and self.base_url.endswith("/v1"):
             self.base_url = self.base_url[: -len("/v1")]
         if self.api_key is None and self.api == "openai":
-            self.api_key = env_api_key(self.base_url)
+            self.api_key = _env_api_key(self.base_url)
 
     @property
     def _chat_path(self) -> str:

@@ -120,7 +120,7 @@ def _key(rec: Mapping[str, Any]) -> CacheKey:
     return (str(rec["entry_id"]), str(rec["prompt"]), str(rec["model"]))
 
 
-def read_cache(path: Path) -> dict[CacheKey, dict]:
+def _read_cache(path: Path) -> dict[CacheKey, dict]:
     """Cached judgements by (entry_id, prompt, model); the last line for a key wins.
 
     A last line cut short by an interrupted run is dropped and the file repaired, so the
@@ -183,7 +183,7 @@ def score_entries(
     path = Path(cache_path) if cache_path else None
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-    cache = read_cache(path) if path else {}
+    cache = _read_cache(path) if path else {}
     results, n_cached = [], 0
     for i, entry in enumerate(tqdm(entries, desc="Judging", disable=not progress)):
         rec: dict[str, Any] = {

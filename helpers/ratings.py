@@ -26,6 +26,9 @@ import pandas as pd
 from helpers.atomic import atomic_write_text
 from helpers.responses import RESPONSE_KEY, entry_id
 
+if sys.platform != "win32":
+    import fcntl
+
 SCALES: dict[str, tuple[str, ...]] = {
     "3-level": ("correct", "partly", "wrong"),
     "1-5": ("1", "2", "3", "4", "5"),
@@ -33,7 +36,7 @@ SCALES: dict[str, tuple[str, ...]] = {
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the hidden `.<name>.lock` beside `path` (no-op on Windows)."""
     lock = path.with_name(f".{path.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -41,8 +44,6 @@ def file_lock(path: Path) -> Iterator[None]:
         if sys.platform == "win32":  # no flock: saves still merge, in a narrow race window
             yield
             return
-        import fcntl
-
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -198,7 +199,7 @@ class RatingStore:
         Under the file lock: ratings on disk win over this store's older copies of them,
         `new` ones win over both, nothing is dropped.
         """
-        with file_lock(self.path):
+        with _file_lock(self.path):
             disk = read_ratings(self.path) if self.path.is_file() else []
             merged = dict(self._records)
             merged.update({(r["reviewer"], r["index"]): r for r in (*disk, *new)})
