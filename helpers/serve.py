@@ -43,7 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from helpers.generate import _next_token
 from helpers.model import eval_mode
-from helpers.prompts import format_prompt, get_style
+from helpers.prompts import extract_response, format_prompt, get_style
 from helpers.serve_api import (
     ChatRequest,
     RequestError,
@@ -56,7 +56,7 @@ from helpers.serve_api import (
     parse_chat_request,
     usage,
 )
-from helpers.tokenizer import EOS_ID, encode
+from helpers.tokenizer import EOS_ID, decode, encode
 
 __all__ = [
     "ChatServer",
@@ -258,20 +258,16 @@ class ChatServer:
     def complete(self, body: Any) -> dict[str, Any]:
         """Answer one chat request body with a chat.completion object (no HTTP involved)."""
         job = self.prepare(body)
-        text = ResponseText(self.style)
-        for token in self._run(job, threading.Event()):
-            text.add(token)
-        return self._completion(job, text)
+        return self._completion(job, list(self._run(job, threading.Event())))
 
-    def _completion(self, job: _Prepared, text: ResponseText) -> dict[str, Any]:
-        n_out = len(text.tokens)
+    def _completion(self, job: _Prepared, tokens: list[int]) -> dict[str, Any]:
         return completion_object(
             new_completion_id(),
             self.model_name,
-            text.text,
-            "length" if n_out >= job.max_tokens else "stop",
+            extract_response(decode(tokens), self.style),
+            "length" if len(tokens) >= job.max_tokens else "stop",
             len(job.prompt_ids),
-            n_out,
+            len(tokens),
         )
 
     async def tokens(self, job: _Prepared) -> AsyncIterator[int]:
@@ -305,10 +301,7 @@ class ChatServer:
 
     async def complete_async(self, job: _Prepared) -> dict[str, Any]:
         """The whole chat.completion for a prepared request, generated off the event loop."""
-        text = ResponseText(self.style)
-        async for token in self.tokens(job):
-            text.add(token)
-        return self._completion(job, text)
+        return self._completion(job, [token async for token in self.tokens(job)])
 
     async def stream(self, job: _Prepared) -> AsyncIterator[str]:
         """Server-sent events of a streamed reply: chunks, then `data: [DONE]`."""
