@@ -6,7 +6,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from helpers.plots import LiveLossPlot, overfitting_onset, plot_losses, save_loss_plot
+from helpers.plots import (
+    LiveLossPlot,
+    overfitting_onset,
+    plot_comparison,
+    plot_losses,
+    save_loss_plot,
+)
 
 
 def _history(val):
@@ -61,3 +67,17 @@ def test_live_plot_is_silent_outside_notebooks(capsys):
     assert len(live.history) == 3 and capsys.readouterr().out == ""
     assert live.figure().axes[0].get_title() == "run"
     plt.close("all")
+
+
+def test_comparison_chart_has_a_bar_per_run_and_score():
+    runs = pd.DataFrame(
+        {"n": [10, 10], "exact_match": [0.1, 1.0], "rougeL": [0.5, 1.0], "judge": [0.4, 1.0]},
+        index=pd.Index(["gpt2-medium, fine-tuned in the chapter, alpaca prompt", "echo"]),
+    )
+    fig = plot_comparison(runs, title="runs")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 2 * 3  # runs x scores; the entry count "n" is not drawn
+    assert sorted(round(p.get_height(), 2) for p in ax.patches) == [0.1, 0.4, 0.5, 1, 1, 1]
+    assert ax.get_ylim() == (0, 1) and ax.get_title() == "runs"
+    assert "\n" in ax.get_xticklabels()[0].get_text()  # long run names are wrapped
+    plt.close(fig)
