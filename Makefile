@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 # The CPU wheel; set TORCH_SPEC="torch" (or a CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 MODEL ?=
-# make lab: where JupyterLab listens, and extra `jupyter lab` options,
+# make lab: where JupyterLab listens, and extra `jupyter lab` options, set on make's command
+# line (not read from the environment, where PORT or HOST often mean something else),
 # e.g. make lab HOST=0.0.0.0 PORT=8899 ARGS=--no-browser on a remote machine.
-HOST ?= localhost
-PORT ?= 8888
-ARGS ?=
+HOST = localhost
+PORT = 8888
+ARGS =
 
 .PHONY: setup lab test test-fast lint finetune benchmarks notebooks clean
 
