@@ -29,8 +29,6 @@ from helpers.serve import (
 )
 from helpers.tokenizer import encode
 
-openai = pytest.importorskip("openai")
-
 T = 30  # seconds: the limit of any one network operation in these tests
 
 
@@ -90,6 +88,8 @@ def chat(server, headers=None, **body):
 
 
 def client(server):
+    """The official OpenAI client pointed at `server` (a test-only dependency)."""
+    openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=T, max_retries=0)
 
 
@@ -243,6 +243,7 @@ def test_bad_parameters_get_openai_style_400s(server):
         assert error["param"] == param, (extra, error)
         assert param in error["message"] or param == "messages", error
     # The official client surfaces them as BadRequestError with the parameter.
+    openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError) as info:
         client(server).chat.completions.create(model="tiny-test", messages=USER, n=3)
     assert info.value.param == "n"
