@@ -123,7 +123,7 @@ def worker(kind: str, grouped: bool, steps: int, device: str, preset: str) -> di
 
 def full_chapter(device: str, preset: str, bf16: bool) -> None:
     """Time the chapter's complete fine-tuning run (random weights) and compare with the book."""
-    from helpers.train import TrainConfig, train
+    from helpers.train import RunOptions, TrainConfig, train
 
     dev = torch.device(device)
     loaders = make_loaders(split_data(load_instruction_data()), batch_size=8, device=dev)
@@ -133,7 +133,13 @@ def full_chapter(device: str, preset: str, bf16: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # what an A100 uses for fp32 matmuls
         torch.cuda.synchronize()
     start = time.perf_counter()
-    history = train(model, loaders, config=TrainConfig(bf16=bf16, progress=False, log_evals=False))
+    history = train(
+        model,
+        loaders.train,
+        loaders.validation,
+        config=TrainConfig(bf16=bf16),
+        options=RunOptions(progress=False, log_evals=False),
+    )
     if dev.type == "cuda":
         torch.cuda.synchronize()
     minutes = (time.perf_counter() - start) / 60

@@ -1,8 +1,13 @@
-"""Model configurations: the GPT-2 presets the chapter uses plus a `tiny` one for offline runs."""
+"""Model configurations: the GPT-2 presets the chapter uses plus a `tiny` one for offline runs.
+
+Also each preset's run defaults (`run_defaults`): the chapter's for GPT-2, smaller ones for
+`tiny`, defined here once for the command line and the notebooks.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def resolve_model_name(name: str) -> str:
     raise ValueError(f"Unknown model preset {name!r}; valid names: {valid}")
 
 
-def get_config(name: str, **overrides: object) -> GPTConfig:
+def get_config(name: str, **overrides: Any) -> GPTConfig:
     """Config of a preset (see MODEL_PRESETS), with optional field overrides."""
     return replace(MODEL_PRESETS[resolve_model_name(name)], **overrides)
 
@@ -76,3 +81,29 @@ def get_config(name: str, **overrides: object) -> GPTConfig:
 def is_pretrained_preset(name: str) -> bool:
     """True for the presets that have OpenAI weights (everything but `tiny`)."""
     return resolve_model_name(name) in HF_REPOS
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """Run settings that depend on the model: the chapter's, or the tiny preset's."""
+
+    limit: int | None  # use only the first N dataset entries (None: all)
+    lr: float  # AdamW learning rate
+    num_epochs: int
+    max_new_tokens: int  # length of the test-split responses
+    sample_max_new_tokens: int  # length of the per-epoch sample response
+
+
+CHAPTER_RUN_DEFAULTS = RunDefaults(
+    limit=None, lr=5e-5, num_epochs=2, max_new_tokens=256, sample_max_new_tokens=35
+)
+# tiny (random init, two CPU cores): a 200-entry subset so a run takes about a minute, a
+# learning rate a randomly initialised model can learn something with, shorter responses.
+TINY_RUN_DEFAULTS = RunDefaults(
+    limit=200, lr=1e-3, num_epochs=2, max_new_tokens=64, sample_max_new_tokens=35
+)
+
+
+def run_defaults(name: str) -> RunDefaults:
+    """The run defaults of preset `name`: TINY_RUN_DEFAULTS for tiny, else the chapter's."""
+    return TINY_RUN_DEFAULTS if resolve_model_name(name) == "tiny" else CHAPTER_RUN_DEFAULTS

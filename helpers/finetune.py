@@ -1,327 +1,224 @@
 """The whole chapter headless: `python -m helpers.finetune --model gpt2-medium` (or `tiny`).
 
-dataset -> model -> initial losses -> fine-tuning -> loss plot -> test-split responses ->
-saved model, all written into one output folder, with a summary at the end.
+`run(settings)` does it in four steps: `load` (dataset, splits, loaders), `build` (model,
+initial losses, a check that the output folder can take the files), `fit` (training, with
+checkpoints) and `write` (model, history, loss plot, test-split responses, summary.json), all
+into one output folder. `main` is the command line (options in helpers.cli): expected
+errors print one line and exit with code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import pandas as pd
 import torch
 
-from helpers.atomic import atomic_path
-from helpers.config import resolve_model_name
+from helpers.atomic import atomic_path, atomic_write_text
+from helpers.batching import Loaders, make_loaders
+from helpers.checkpoints import CheckpointError, checkpoint_bytes, checkpoint_path, weights_bytes
+from helpers.cli import FinetuneSettings, build_parser, settings_from_args
+from helpers.data import DatasetError, DataSplits, DownloadError, load_instruction_data, split_data
+from helpers.epoch_sample import sample_printer
+from helpers.model import GPTModel
 from helpers.runtime import (
-    DEFAULT_MODEL,
-    course_model,
+    OutputDirError,
+    check_output_dir,
     describe_model,
     finetuned_path,
     get_device,
-    run_dir,
 )
+from helpers.train import RunOptions, TrainingInterrupted, calc_loss_loader, train
+from helpers.weights import CheckpointFileError, CheckpointMismatchError
 
 RESPONSES_NAME = "instruction-data-with-response.json"  # the chapter's file name
-# Defaults that depend on the model. GPT-2 sizes: the chapter's. `tiny` (random init, two
-# CPU cores): a 200-entry subset so a run takes about a minute, a learning rate a randomly
-# initialised model can learn something with, and shorter test responses.
-CHAPTER_DEFAULTS = {"limit": None, "lr": 5e-5, "max_new_tokens": 256}
-TINY_DEFAULTS = {"limit": 200, "lr": 1e-3, "max_new_tokens": 64}
+HISTORY_NAME = "history.csv"
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
+class RunError(ValueError):
+    """An expected problem with the run's inputs (too little data, a missing checkpoint...)."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # Show "(default: X)" only for real values; None/False defaults are explained in the text.
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False):
-            return action.help or ""
-        return super()._get_help_string(action)
+# What the command line reports as one line (exit code 2) instead of a traceback.
+EXPECTED_ERRORS = (RunError, DatasetError, DownloadError, CheckpointError, CheckpointFileError,
+                   CheckpointMismatchError, FloatingPointError, OutputDirError, OSError)  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line options (defaults are the chapter's)."""
-    p = argparse.ArgumentParser(
-        prog="python -m helpers.finetune",
-        description="Instruction fine-tune a GPT-2 model on the chapter's dataset and write the "
-        "loss plot, test-split responses and the fine-tuned model into --output-dir.",
-        formatter_class=_HelpFormatter,
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"preset: gpt2-small, gpt2-medium, gpt2-large, gpt2-xl or tiny (default: "
-        f"$COURSE_MODEL, else {DEFAULT_MODEL})",
-    )
-    p.add_argument(
-        "--random-init",
-        action="store_true",
-        help="random weights instead of OpenAI's (timing runs; tiny is always random)",
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="dataset JSON/JSONL (default: $COURSE_DATASET or the chapter's download)",
-    )
-    p.add_argument(
-        "--limit",
-        type=_positive(int),
-        default=None,
-        help="use only the first N entries of the dataset (default: all; tiny: 200)",
-    )
-    p.add_argument("--style", default="alpaca", choices=["alpaca", "phi3"], help="prompt style")
-    p.add_argument(
-        "--mask-prompt", action="store_true", help="compute the loss on response tokens only"
-    )
-    p.add_argument("--epochs", type=_positive(int), default=2, help="training epochs")
-    p.add_argument(
-        "--lr",
-        type=_positive(float),
-        default=None,
-        help="AdamW learning rate (default: the chapter's 5e-5; tiny: 1e-3)",
-    )
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--batch-size", type=_positive(int), default=8, help="batch size")
-    p.add_argument(
-        "--max-length",
-        type=_positive(int),
-        default=1024,
-        help="truncate examples to this many tokens",
-    )
-    p.add_argument("--grouped", action="store_true", help="length-grouped batches (less padding)")
-    p.add_argument(
-        "--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step"
-    )
-    p.add_argument(
-        "--max-grad-norm", type=_positive(float), default=None, help="clip gradients to this norm"
-    )
-    p.add_argument(
-        "--schedule",
-        choices=["constant", "cosine"],
-        default="constant",
-        help="learning-rate schedule",
-    )
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    p.add_argument("--eval-freq", type=_positive(int), default=5, help="evaluate every N steps")
-    p.add_argument("--eval-iter", type=_positive(int), default=5, help="batches per evaluation")
-    p.add_argument(
-        "--early-stopping",
-        type=_positive(int),
-        default=None,
-        metavar="PATIENCE",
-        help="stop after PATIENCE evaluations without a better validation loss; keep the best weights",
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        type=_positive(int),
-        default=None,
-        metavar="STEPS",
-        help="also save a training checkpoint every STEPS steps (one is always saved at the end)",
-    )
-    p.add_argument("--no-checkpoint", action="store_true", help="do not write training checkpoints")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the checkpoint in --output-dir"
-    )
-    p.add_argument("--output-dir", default=None, help="default: runs/<model>-sft in the repository")
-    p.add_argument(
-        "--max-new-tokens",
-        type=_positive(int),
-        default=None,
-        help="response length for the test split (default: 256; tiny: 64)",
-    )
-    p.add_argument(
-        "--test-limit",
-        type=_positive(int),
-        default=None,
-        help="answer only the first N test entries",
-    )
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--seed", type=int, default=123, help="shuffling and initialisation seed")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+class Loaded(NamedTuple):
+    """The `load` step's result."""
+
+    splits: DataSplits
+    loaders: Loaders
+    test_entries: list
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Do the chapter's steps with parsed `args`; returns the summary it also writes."""
-    from helpers.batching import make_loaders
-    from helpers.data import load_instruction_data, split_data
-    from helpers.evaluate import generate_test_responses
-    from helpers.plots import plot_losses, save_loss_plot
-    from helpers.train import TrainConfig, calc_loss_loader, train
-    from helpers.weights import build_model, save_model
+class Built(NamedTuple):
+    """The `build` step's result."""
 
-    start = time.perf_counter()
-    name = course_model() if args.model is None else resolve_model_name(args.model)
-    defaults = TINY_DEFAULTS if resolve_model_name(name) == "tiny" else CHAPTER_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    out = Path(args.output_dir) if args.output_dir else run_dir(name)
-    ckpt_dir = out / "checkpoints"
-    if args.resume and not (ckpt_dir / "checkpoint.pt").is_file():
-        raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
-    device = get_device(args.device)
-    torch.manual_seed(args.seed)
+    model: GPTModel
+    weights: str  # which weights it started from
+    label: str  # describe_model's line
+    device: torch.device
+    initial_loss: dict[str, float]
 
-    data = load_instruction_data(args.data)
-    if args.limit is not None:
-        data = data[: args.limit]
+
+def load(settings: FinetuneSettings) -> Loaded:
+    """Dataset (optionally its first `limit` entries), the 85/5/10 split and the loaders."""
+    data = load_instruction_data(settings.data)[: settings.limit]
     splits = split_data(data)
-    if len(splits.train) < args.batch_size or not splits.validation or not splits.test:
-        raise SystemExit(
-            f"error: {len(data)} entries split into {len(splits.train)} train / "
-            f"{len(splits.validation)} validation / {len(splits.test)} test; need at least "
-            f"--batch-size ({args.batch_size}) train entries and one of each other split "
-            "(raise --limit)"
+    if len(splits.train) < settings.batch_size or not splits.validation or not splits.test:
+        raise RunError(
+            f"{len(data)} entries split into {len(splits.train)} train / {len(splits.validation)} "
+            f"validation / {len(splits.test)} test; need at least --batch-size "
+            f"({settings.batch_size}) train entries and one of each other split (raise --limit)"
         )
-    loaders = make_loaders(
-        splits,
-        batch_size=args.batch_size,
-        style=args.style,
-        mask_prompt=args.mask_prompt,
-        allowed_max_length=args.max_length,
-        grouped=args.grouped,
-        seed=args.seed,
-    )
-    print(
-        f"Data: {len(splits.train)} train, {len(splits.validation)} validation, {len(splits.test)} test entries"
-    )
+    loaders = make_loaders(splits, batch_size=settings.batch_size, style=settings.style,
+                           mask_prompt=settings.mask_prompt, allowed_max_length=settings.max_length,
+                           grouped=settings.grouped, seed=settings.train.seed)  # fmt: skip
+    print(f"Data: {len(splits.train)} train, {len(splits.validation)} validation, "
+          f"{len(splits.test)} test entries")  # fmt: skip
+    test = splits.test[: settings.test_limit] if settings.test_limit else splits.test
+    return Loaded(splits, loaders, list(test))
 
-    model, weights = build_model(name, pretrained=not args.random_init)
-    label = describe_model(name, weights)
+
+def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
+    """The model (OpenAI weights, or a random init seeded by the run's seed) and its losses."""
+    from helpers.config import is_pretrained_preset
+    from helpers.weights import load_pretrained, random_model
+
+    if settings.resume and not checkpoint_path(settings.checkpoint_dir).is_file():
+        raise RunError(f"--resume: no checkpoint in {settings.checkpoint_dir}")
+    if not settings.random_init and is_pretrained_preset(settings.model):
+        model, weights = load_pretrained(settings.model), "OpenAI GPT-2 weights"
+    else:
+        model, weights = random_model(settings.model, seed=settings.train.seed), "random init"
+    if settings.max_length > model.cfg.context_length:
+        raise RunError(f"--max-length {settings.max_length} exceeds the model's context length "
+                       f"{model.cfg.context_length}")  # fmt: skip
+    # Fail now, not after hours of training: the folder must take the model and a checkpoint.
+    early = settings.train.early_stopping_patience is not None
+    ckpt = checkpoint_bytes(model, early_stopping=early) if settings.checkpoint else 0
+    check_output_dir(settings.output_dir, weights_bytes(model) + ckpt)
+    device = get_device(settings.device)
     model.to(device)
+    label = describe_model(settings.model, weights)
     print(f"Model: {label} on {device}")
-    if args.max_length > model.cfg.context_length:
-        raise SystemExit(
-            f"error: --max-length {args.max_length} exceeds the model's context length {model.cfg.context_length}"
-        )
-
     model.eval()
-    initial = {
-        split: calc_loss_loader(getattr(loaders, split), model, device, num_batches=args.eval_iter)
-        for split in ("train", "validation")
-    }
+    initial = {split: calc_loss_loader(getattr(loaded.loaders, split), model, device,
+                                       num_batches=settings.train.eval_iter)
+               for split in ("train", "validation")}  # fmt: skip
     print(f"Initial loss: train {initial['train']:.3f}, validation {initial['validation']:.3f}")
+    return Built(model, weights, label, device, initial)
 
-    config = TrainConfig(
-        num_epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        eval_freq=args.eval_freq,
-        eval_iter=args.eval_iter,
-        seed=args.seed,
-        grad_accum_steps=args.grad_accum,
-        max_grad_norm=args.max_grad_norm,
-        schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        bf16=args.bf16,
-        early_stopping_patience=args.early_stopping,
-        checkpoint_dir=None if args.no_checkpoint else str(ckpt_dir),
-        checkpoint_every=None if args.no_checkpoint else args.checkpoint_every,
-        progress=not args.quiet,
+
+def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFrame:
+    """Train with checkpoints in output_dir/checkpoints; the history's attrs say how long."""
+    options = RunOptions(
+        checkpoint_dir=settings.checkpoint_dir if settings.checkpoint else None,
+        checkpoint_every=settings.checkpoint_every if settings.checkpoint else None,
+        checkpoint_minutes=settings.checkpoint_minutes if settings.checkpoint else None,
+        progress=settings.progress,
     )
-    train_start = time.perf_counter()
+    start = time.perf_counter()
     history = train(
-        model,
-        loaders,
-        config=config,
-        device=device,
-        style=args.style,
-        resume_from=ckpt_dir if args.resume else None,
-        sample_entry=splits.validation[0],
+        built.model,
+        loaded.loaders.train,
+        loaded.loaders.validation,
+        config=settings.train,
+        options=options,
+        device=built.device,
+        resume_from=settings.checkpoint_dir if settings.resume else None,
+        on_epoch_end=sample_printer(
+            loaded.splits.validation[0],
+            style=settings.style,
+            max_new_tokens=settings.sample_max_new_tokens,
+        ),  # fmt: skip
     )
-    train_minutes = (time.perf_counter() - train_start) / 60
-    print(f"Training completed in {train_minutes:.2f} minutes.")
+    history.attrs["training_minutes"] = (time.perf_counter() - start) / 60
+    print(f"Training completed in {history.attrs['training_minutes']:.2f} minutes.")
+    return history
 
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "history.csv") as tmp:
+
+def write(
+    settings: FinetuneSettings, loaded: Loaded, built: Built, history: pd.DataFrame, started: float
+) -> dict:
+    """Model first (the most precious file), then history, plot, responses and summary.json."""
+    from helpers.generate import generate_test_responses
+    from helpers.plots import plot_losses, save_loss_plot
+    from helpers.weights import save_model
+
+    out = settings.output_dir
+    model_file = out / finetuned_path(settings.model).name
+    meta = {"base_model": settings.model, "weights": f"{built.weights}, fine-tuned",
+            "prompt_style": settings.style, "mask_prompt": settings.mask_prompt}  # fmt: skip
+    save_model(built.model, model_file, metadata=meta)
+    with atomic_path(out / HISTORY_NAME) as tmp:
         history.to_csv(tmp, index=False)
-    fig = plot_losses(history, title=label)
-    plot_files = save_loss_plot(fig, out / "loss-plot")
-
-    test_entries = splits.test[: args.test_limit] if args.test_limit else splits.test
-    model.eval()
-    model_file = out / finetuned_path(name).name
-    responses_file = out / RESPONSES_NAME
+    plot_files = save_loss_plot(plot_losses(history, title=built.label), out / "loss-plot")
+    built.model.eval()
     generate_test_responses(
-        model,
-        test_entries,
-        responses_file,
-        model_name=name,
-        checkpoint=model_file.name,
-        style=args.style,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        extra_metadata={
-            "weights": f"{weights}, fine-tuned",
-            "description": label,
-            "mask_prompt": args.mask_prompt,
-        },
-    )
-    save_model(
-        model,
-        model_file,
-        metadata={
-            "base_model": name,
-            "weights": f"{weights}, fine-tuned",
-            "prompt_style": args.style,
-            "mask_prompt": args.mask_prompt,
-        },
-    )
+        built.model, loaded.test_entries, out / RESPONSES_NAME, model_name=settings.model,
+        checkpoint=model_file.name, style=settings.style, max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size, progress=settings.progress,
+        extra_metadata={"weights": meta["weights"], "description": built.label,
+                        "mask_prompt": settings.mask_prompt},
+    )  # fmt: skip
+    files = [*plot_files, out / RESPONSES_NAME, model_file, out / HISTORY_NAME]
+    summary = _summary(settings, loaded, built, history, sorted(p.name for p in files))
+    summary["total_minutes"] = round((time.perf_counter() - started) / 60, 3)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
-    best = history["val_loss"].idxmin() if history["val_loss"].notna().any() else None
-    summary = {
-        "model": label,
-        "device": str(device),
+
+def _summary(
+    settings: FinetuneSettings, loaded: Loaded, built: Built, history: pd.DataFrame, files: list
+) -> dict[str, Any]:
+    has = bool(len(history))
+    best = history["val_loss"].idxmin() if has and history["val_loss"].notna().any() else None
+    last = history.iloc[-1] if has else None
+    run_settings = {k: v for k, v in asdict(settings).items() if k not in ("train", "progress")}
+    return {
+        "model": built.label,
+        "device": str(built.device),
         "entries": {
-            "train": len(splits.train),
-            "validation": len(splits.validation),
-            "test": len(test_entries),
-        },
-        "initial_loss": initial,
-        "final_loss": {
-            "train": float(history["train_loss"].iloc[-1]),
-            "validation": float(history["val_loss"].iloc[-1]),
-        }
-        if len(history)
-        else None,
+            "train": len(loaded.splits.train),
+            "validation": len(loaded.splits.validation),
+            "test": len(loaded.test_entries),
+        },  # fmt: skip
+        "initial_loss": built.initial_loss,
+        "final_loss": {"train": float(last["train_loss"]), "validation": float(last["val_loss"])}
+        if last is not None
+        else None,  # fmt: skip
         "best_validation": {
             "step": int(history["step"][best]),
             "loss": float(history["val_loss"][best]),
         }
         if best is not None
-        else None,
+        else None,  # fmt: skip
         "stopped_early": history.attrs.get("stopped_early", False),
-        "steps": int(history["step"].iloc[-1]) + 1 if len(history) else 0,
-        "training_minutes": round(train_minutes, 3),
-        "total_minutes": round((time.perf_counter() - start) / 60, 3),
-        "settings": {k: v for k, v in vars(args).items() if k != "quiet"},
-        "files": sorted(
-            p.name for p in [*plot_files, responses_file, model_file, out / "history.csv"]
-        ),
+        "steps": int(last["step"]) + 1 if last is not None else 0,
+        "training_minutes": round(history.attrs.get("training_minutes", 0.0), 3),
+        "checkpoint_error": history.attrs.get("checkpoint_error"),
+        # Run options and hyper-parameters in one flat table (output_dir as text).
+        "settings": json.loads(json.dumps({**run_settings, **asdict(settings.train)}, default=str)),
+        "files": files,
     }
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / "summary.json")
-    _print_summary(summary, out)
+
+
+def run(settings: FinetuneSettings) -> dict:
+    """The chapter's run: load, build, fit, write; returns the summary it also writes."""
+    start = time.perf_counter()
+    loaded = load(settings)
+    built = build(settings, loaded)
+    history = fit(settings, loaded, built)
+    summary = write(settings, loaded, built, history, started=start)
+    _print_summary(summary, settings.output_dir)
     return summary
 
 
@@ -334,37 +231,47 @@ def _print_summary(summary: dict, out: Path) -> None:
         print(f"Val loss:       {init['validation']:.3f} -> {final['validation']:.3f}")
     if summary["best_validation"]:
         b = summary["best_validation"]
-        print(
-            f"Best val loss:  {b['loss']:.3f} at step {b['step']}"
-            + (" (stopped early)" if summary["stopped_early"] else "")
-        )
-    print(
-        f"Training time:  {summary['training_minutes']:.2f} min (total {summary['total_minutes']:.2f} min)"
-    )
+        stopped = " (stopped early)" if summary["stopped_early"] else ""
+        print(f"Best val loss:  {b['loss']:.3f} at step {b['step']}{stopped}")
+    print(f"Training time:  {summary['training_minutes']:.2f} min "
+          f"(total {summary['total_minutes']:.2f} min)")  # fmt: skip
     print(f"Output folder:  {out}")
     for name in summary["files"]:
         print(f"  - {name}")
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    # Say --resume only when there is something to resume from.
+    if isinstance(exc, TrainingInterrupted) and exc.checkpoint is not None:
+        print(f"\nInterrupted ({exc.signal_name}) at step {exc.step}: checkpoint saved in "
+              f"{exc.checkpoint}; rerun with --resume to continue.", file=sys.stderr)  # fmt: skip
+    else:
+        print("\nInterrupted; no checkpoint was saved.", file=sys.stderr)
+    name = exc.signal_name if isinstance(exc, TrainingInterrupted) else "SIGINT"
+    return 128 + int(getattr(signal, name, signal.SIGINT))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse options, run, print the summary; bad options exit with a message."""
+    """Entry point: options -> settings -> run. Expected errors: one line, exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.model is not None:
-        try:
-            resolve_model_name(args.model)
-        except ValueError as exc:
-            parser.error(f"--model: {exc}")
-    if args.warmup_steps < 0:
-        parser.error("--warmup-steps must be >= 0")
     try:
-        run(args)
-    except KeyboardInterrupt:
-        print(
-            "\nInterrupted; rerun with --resume to continue from the saved checkpoint.",
-            file=sys.stderr,
-        )
-        return 130
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(f"--model: {exc}" if "model preset" in str(exc) else str(exc))
+    try:
+        summary = run(settings)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except EXPECTED_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summary["checkpoint_error"]:
+        print(f"error: {summary['checkpoint_error']} (the model and results were written)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

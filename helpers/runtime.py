@@ -1,10 +1,11 @@
-"""The course-wide switches: which model a notebook or command uses, device and seeding."""
+"""The course-wide switches: which model a notebook or command uses, the device, run folders."""
 
 from __future__ import annotations
 
 import os
-import random
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -48,12 +49,6 @@ def get_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, and PyTorch (CPU and CUDA) so runs repeat."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def model_slug(name: str) -> str:
     """File-name form of a preset, as the chapter names its files: 'gpt2-medium355M'."""
     return re.sub(r"[ ()]", "", resolve_model_name(name))
@@ -72,3 +67,27 @@ def run_dir(name: str) -> Path:
 def finetuned_path(name: str) -> Path:
     """Where a run saves its fine-tuned model: `run_dir(name) / '<slug>-sft.safetensors'`."""
     return run_dir(name) / f"{model_slug(name)}-sft.safetensors"
+
+
+class OutputDirError(OSError):
+    """An output folder cannot take a run's files (not writable, too little free space)."""
+
+
+def check_output_dir(path: str | os.PathLike, needed_bytes: int = 0) -> Path:
+    """Create `path` if needed and check, before a long run, that it can take `needed_bytes`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # the only sure test of writability
+            pass
+    except OSError as exc:
+        raise OutputDirError(
+            f"output folder {path} is not writable: {exc.strerror or exc}"
+        ) from exc
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise OutputDirError(
+            f"output folder {path} has {free / 2**20:.0f} MiB free; this run needs about "
+            f"{needed_bytes / 2**20:.0f} MiB (model, checkpoint): free space or pick --output-dir"
+        )
+    return path

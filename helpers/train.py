@@ -1,17 +1,18 @@
-"""The chapter's training loop, with the options a real fine-tuning run needs.
+"""The chapter's training loop (`train`), with the extensions a real fine-tuning run needs.
 
-`train` keeps the chapter's semantics (AdamW, evaluate every `eval_freq` steps on `eval_iter`
-batches, a sample response after each epoch) and adds gradient accumulation and clipping, a
-warmup + cosine schedule, bf16 autocast on CUDA, early stopping, NaN detection and exact
-resume from checkpoints (see helpers.checkpoints).
+`train` is the chapter's `train_model_simple` (AdamW, evaluate every `eval_freq` steps on
+`eval_iter` batches, something to look at after each epoch) plus small named extensions:
+gradient accumulation and clipping, a warmup + cosine schedule, bf16 autocast on CUDA, early
+stopping, NaN checks, and checkpoints for an exact resume (the format lives in
+helpers.checkpoints). Settings come from `TrainConfig` (hyper-parameters) and `RunOptions`
+(progress, logging, checkpoints), both in helpers.train_config.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +22,35 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from helpers.batching import IGNORE_INDEX, loader_generators
-from helpers.checkpoints import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from helpers.checkpoints import TrainState
 from helpers.model import eval_mode
-from helpers.train_config import TrainConfig, lr_factor
+from helpers.train_config import RunOptions, TrainConfig, lr_factor
+from helpers.train_extensions import (
+    LossWatch,
+    RunCheckpointer,
+    StopSignals,
+    TrainingInterrupted,
+    autocast,
+    check_finite,
+    epoch_batches,
+    eval_pending,
+    finish_gradients,
+    update_early_stopping,
+)
 
 __all__ = [
+    "RunOptions",
     "TrainConfig",
+    "TrainingInterrupted",
     "calc_loss_batch",
     "calc_loss_loader",
     "evaluate_model",
     "lr_factor",
-    "print_sample",
     "train",
 ]
 
 HISTORY_COLUMNS = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"]
+EpochEndCallback = Callable[[torch.nn.Module, int], Any]
 
 
 def calc_loss_batch(
@@ -85,265 +94,156 @@ def evaluate_model(
     return train_loss, val_loss
 
 
-def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    # Each epoch's order depends only on (seed, epoch), so a resumed run can replay it.
-    torch.manual_seed(seed + epoch)
-    for gen in loader_generators(loader):
-        gen.manual_seed(seed + epoch)
+def _history_frame(state: TrainState) -> pd.DataFrame:
+    df = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
+    found = state.best_step >= 0
+    df.attrs.update(
+        stopped_early=bool(state.stopped_early),
+        best_step=int(state.best_step) if found else None,
+        best_val_loss=float(state.best_val_loss) if found else None,
+    )
+    return df
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+class _Evaluator:
+    """The chapter's periodic evaluation: a history row, the 'Ep ...' line, early stopping."""
+
+    def __init__(self, model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], **kw: Any):
+        self.model, self.loaders = model, loaders
+        self.device: torch.device = kw["device"]
+        self.config: TrainConfig = kw["config"]
+        self.options: RunOptions = kw["options"]
+        self.optimizer: torch.optim.Optimizer = kw["optimizer"]
+        self.callback: Callable[[pd.DataFrame], Any] | None = kw["callback"]
+        self.watch: LossWatch = kw["watch"]
+        self.bar: Any = None  # the progress bar, once it exists
+
+    def __call__(self, state: TrainState) -> None:
+        self.watch.check()  # the training losses since the last evaluation
+        train_loader, val_loader = self.loaders
+        with autocast(self.device, self.config.bf16):
+            train_loss, val_loss = evaluate_model(
+                self.model, train_loader, val_loader, self.device, self.config.eval_iter
+            )
+        check_finite(train_loss, "training loss (evaluation)", state)
+        check_finite(val_loss, "validation loss", state)
+        step = state.step - 1  # the chapter's 0-based global step
+        values = [step, state.epoch + state.batches / len(train_loader), state.tokens_seen,
+                  train_loss, val_loss, self.optimizer.param_groups[0]["lr"]]  # fmt: skip
+        state.history.append(dict(zip(HISTORY_COLUMNS, values, strict=True)))
+        if self.options.log_evals:
+            tqdm.write(
+                f"Ep {state.epoch + 1} (Step {step:06d}): "
+                f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+            )
+        if self.bar is not None:
+            self.bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        update_early_stopping(state, self.config, self.model)
+        if self.callback is not None:
+            self.callback(_history_frame(state))
 
 
-def _split_loaders(loaders: Any, val_loader: DataLoader | None) -> tuple[DataLoader, DataLoader]:
-    # Accept helpers.batching.Loaders (train, validation, test) or the chapter's two loaders.
-    if val_loader is None and hasattr(loaders, "train") and hasattr(loaders, "validation"):
-        return loaders.train, loaders.validation
-    if val_loader is None:
-        raise TypeError("train() needs a validation loader (or a Loaders tuple with .validation)")
-    return loaders, val_loader
-
-
-def print_sample(
-    model: torch.nn.Module, entry: Mapping[str, str], style: str, max_new_tokens: int
-) -> str:
-    """Greedy response of `model` to `entry`, printed on one line as the chapter does."""
-    from helpers.generate import generate_responses  # lazy: keeps training importable alone
-
-    with eval_mode(model):
-        text = generate_responses(
-            model, [dict(entry)], style=style, max_new_tokens=max_new_tokens, progress=False
-        )[0]
-    print("Sample response:", text.replace("\n", " "))
-    return text
+def _optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    state.step += 1
 
 
 def train(
     model: torch.nn.Module,
-    loaders: Any,
-    val_loader: DataLoader | None = None,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
     *,
     config: TrainConfig | None = None,
+    options: RunOptions | None = None,
     device: str | torch.device | None = None,
     resume_from: str | Path | None = None,
-    sample_entry: Mapping[str, str] | None = None,
-    style: str = "alpaca",
-    callback: Callable[[pd.DataFrame], None] | None = None,
+    callback: Callable[[pd.DataFrame], Any] | None = None,
+    on_epoch_end: EpochEndCallback | None = None,
 ) -> pd.DataFrame:
     """Fine-tune `model`; returns the history (step, epoch, tokens_seen, train/val loss, lr).
 
-    `loaders` is a Loaders tuple or the train DataLoader (then pass `val_loader`). `step` is
-    the chapter's 0-based global step; `epoch` is fractional (epochs completed so far).
-    `callback(history)` runs after every evaluation (e.g. LiveLossPlot.update). History attrs
-    record `stopped_early`, `best_step` and `best_val_loss`. On Ctrl-C a checkpoint is saved
-    (if `checkpoint_dir` is set) before the KeyboardInterrupt propagates. Each epoch starts
-    with `torch.manual_seed(config.seed + epoch)` (so a resumed run replays the same batch
-    order): this resets the caller's global torch random state too.
+    `step` is the chapter's 0-based global step; `epoch` is fractional (epochs done so far).
+    `callback(history)` runs after every evaluation (e.g. LiveLossPlot.update) and
+    `on_epoch_end(model, epoch)` after each epoch (1-based), e.g. `sample_printer(entry)`.
+    History attrs: `stopped_early`, `best_step`, `best_val_loss`, `checkpoint_error`.
+    Each epoch's shuffling is seeded with `config.seed + epoch` (whatever seed the loader was
+    built with), so a resumed run replays the same batches. Ctrl-C, SIGTERM and SIGHUP save a
+    checkpoint (with `options.checkpoint_dir`) and raise TrainingInterrupted.
     """
-    config = config or TrainConfig()
-    train_loader, val_loader = _split_loaders(loaders, val_loader)
-    if len(train_loader) == 0:
-        raise ValueError("the training loader is empty")
+    config, options = config or TrainConfig(), options or RunOptions()
+    if len(train_loader) == 0 or len(val_loader) == 0:
+        raise ValueError("train() needs non-empty train and validation loaders")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
-    total_steps = steps_per_epoch * config.num_epochs
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    total_steps = math.ceil(len(train_loader) / config.grad_accum_steps) * config.num_epochs
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+        fused=device.type == "cuda",
+    )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, config)
     )
     gens = loader_generators(train_loader)
-    # Run position, all of which goes into a checkpoint.
-    pos = {"step": 0, "epoch": 0, "batches": 0, "tokens_seen": 0}
-    history: list[dict] = []
-    early = {
-        "best_val": math.inf,
-        "best_step": -1,
-        "bad_evals": 0,
-        "best_state": None,
-        "stopped": False,
-    }
-    snapshot: dict | None = None  # state at the last optimizer-step boundary (for Ctrl-C)
-
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location="cpu")
-        saved = TrainConfig.from_dict(ckpt.get("config", {}))
-        for name in ("seed", "grad_accum_steps", "eval_freq", "eval_iter"):
-            if getattr(saved, name) != getattr(config, name):
-                raise CheckpointError(
-                    f"cannot resume: {name}={getattr(config, name)!r} but the checkpoint used "
-                    f"{getattr(saved, name)!r}"
-                )
-        if ckpt.get("train_batches") != len(train_loader):
-            raise CheckpointError(
-                f"cannot resume: the train loader has {len(train_loader)} batches, the checkpoint "
-                f"was made with {ckpt.get('train_batches')}"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        pos = {k: int(ckpt[k]) for k in ("step", "epoch", "batches", "tokens_seen")}
-        history = [dict(row) for row in ckpt["history"]]
-        early.update(ckpt.get("early", {}))
-
-    def take_snapshot() -> dict:
-        # Everything a resume needs that changes during a step; the weights are saved
-        # from the model itself, which only changes inside optimizer.step().
-        return {
-            "pos": dict(pos),
-            "rng": capture_rng_state(gens),
-            "n_history": len(history),
-            "early": dict(early),
-        }
-
-    def state_for_checkpoint(snap: dict) -> dict:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            **snap["pos"],
-            "rng": snap["rng"],
-            "history": [dict(row) for row in history[: snap["n_history"]]],
-            "early": snap["early"],
-            "config": asdict(config),
-            "train_batches": len(train_loader),
-            "model_config": model.cfg.to_dict() if hasattr(model, "cfg") else {},
-        }
-
-    def checkpoint(snap: dict) -> None:
-        if config.checkpoint_dir is not None:
-            save_checkpoint(config.checkpoint_dir, state_for_checkpoint(snap))
-
-    def evaluate() -> None:
-        with _autocast(device, config.bf16):
-            train_loss, val_loss = evaluate_model(
-                model, train_loader, val_loader, device, config.eval_iter
-            )
-        step = pos["step"] - 1  # the chapter's 0-based global step
-        row = {
-            "step": step,
-            "epoch": pos["epoch"] + pos["batches"] / len(train_loader),
-            "tokens_seen": pos["tokens_seen"],
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(row)
-        if config.log_evals:
-            tqdm.write(
-                f"Ep {pos['epoch'] + 1} (Step {step:06d}): "
-                f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-            )
-        if config.early_stopping_patience is not None:
-            if val_loss < early["best_val"] - config.early_stopping_min_delta:
-                early.update(best_val=val_loss, best_step=step, bad_evals=0)
-                early["best_state"] = {
-                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                }
-            else:
-                early["bad_evals"] += 1
-                early["stopped"] = early["bad_evals"] >= config.early_stopping_patience
-        if callback is not None:
-            callback(pd.DataFrame(history, columns=HISTORY_COLUMNS))
-
-    model.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=min(pos["step"], total_steps),
-        desc="fine-tuning",
-        disable=not config.progress,
-        unit="step",
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    watch = LossWatch()
+    saver = RunCheckpointer(
+        options, config, {**parts, "loaders": [train_loader, val_loader]}, watch
     )
+    evaluate = _Evaluator(model, (train_loader, val_loader), device=device, config=config,
+                          options=options, optimizer=optimizer, callback=callback, watch=watch)  # fmt: skip
+    state = saver.resume(resume_from, model) if resume_from is not None else TrainState()
+    # The run at the last optimizer-step boundary: what a checkpoint may save.
+    snapshot: TrainState | None = replace(state, history=list(state.history))
+    evaluate.bar = bar = tqdm(total=total_steps, initial=min(state.step, total_steps),
+                              desc="fine-tuning", unit="step", disable=not options.progress)  # fmt: skip
     try:
-        while pos["epoch"] < config.num_epochs and not early["stopped"]:
-            epoch = pos["epoch"]
-            _seed_epoch(train_loader, config.seed, epoch)
-            batches: Iterator = iter(train_loader)
-            skip = pos["batches"]
-            for _ in range(skip):  # replay the epoch's order up to where the checkpoint was
-                next(batches)
-            if skip:
-                restore_rng_state(ckpt["rng"], gens)
-            # A run interrupted after a step but before its evaluation evaluates first.
-            if (
-                pos["step"]
-                and (pos["step"] - 1) % config.eval_freq == 0
-                and (not history or history[-1]["step"] != pos["step"] - 1)
-            ):
-                evaluate()
-            snapshot = take_snapshot()
-            micro = 0
+        with bar, StopSignals(options.handle_signals) as stop:
             optimizer.zero_grad()
-            for input_batch, target_batch in batches:
-                with _autocast(device, config.bf16):
-                    loss = calc_loss_batch(input_batch, target_batch, model, device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss is {loss.item()} at step {pos['step']} (epoch {epoch + 1}, "
-                        f"batch {pos['batches'] + 1}); lower the learning rate or check the data"
-                    )
-                (loss / config.grad_accum_steps).backward()
-                pos["batches"] += 1
-                pos["tokens_seen"] += input_batch.numel()
-                micro += 1
-                if micro < config.grad_accum_steps and pos["batches"] < len(train_loader):
-                    continue
-                if micro < config.grad_accum_steps:  # a short last group: scale to its size
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(config.grad_accum_steps / micro)
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                micro = 0
-                pos["step"] += 1
-                snapshot = take_snapshot()
-                bar.update(1)
-                if (pos["step"] - 1) % config.eval_freq == 0:
-                    evaluate()
-                    bar.set_postfix(
-                        train=f"{history[-1]['train_loss']:.3f}",
-                        val=f"{history[-1]['val_loss']:.3f}",
-                    )
-                snapshot = take_snapshot()
-                if config.checkpoint_every and pos["step"] % config.checkpoint_every == 0:
-                    checkpoint(snapshot)
-                if early["stopped"]:
-                    break
-            if early["stopped"]:
-                break
-            pos.update(epoch=epoch + 1, batches=0)
-            snapshot = take_snapshot()
-            if sample_entry is not None:
-                print_sample(model, sample_entry, style, config.sample_max_new_tokens)
-                snapshot = take_snapshot()
-    except KeyboardInterrupt:
-        if snapshot is not None and config.checkpoint_dir is not None:
-            checkpoint(snapshot)
-            tqdm.write(
-                f"Interrupted: checkpoint saved at step {snapshot['pos']['step']}; resume_from it to continue"
-            )
-        raise
-    finally:
-        bar.close()
-    if snapshot is not None:
-        # Saved before restoring the best weights, so a resumed run (e.g. with more epochs)
-        # continues the real trajectory with matching optimizer state.
-        checkpoint(snapshot)
-    if config.early_stopping_patience is not None and early["best_state"] is not None:
-        # Keep the weights of the best validation loss, as the chapter advises by hand.
-        model.load_state_dict(early["best_state"])
-    df = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    df.attrs.update(
-        stopped_early=bool(early["stopped"]),
-        best_step=int(early["best_step"]) if early["best_step"] >= 0 else None,
-        best_val_loss=float(early["best_val"]) if early["best_step"] >= 0 else None,
-    )
-    return df
+            while state.epoch < config.num_epochs and not state.stopped_early:
+                model.train()
+                batches = epoch_batches(train_loader, state, config.seed, gens)
+                if eval_pending(state, config):  # resumed from a step whose evaluation was due
+                    evaluate(state)
+                for input_batch, target_batch in batches:
+                    stop.check()
+                    with autocast(device, config.bf16):
+                        loss = calc_loss_batch(input_batch, target_batch, model, device)
+                    watch.add(loss, state)  # checked for NaN at evaluations and epoch ends
+                    (loss / config.grad_accum_steps).backward()
+                    state.batches += 1
+                    state.tokens_seen += input_batch.numel()
+                    if state.batches % config.grad_accum_steps and state.batches < len(
+                        train_loader
+                    ):
+                        continue  # accumulate more micro-batches before the optimizer step
+                    finish_gradients(model, state, config)
+                    snapshot = None  # the weights change now: nothing consistent to save
+                    _optimizer_step(optimizer, scheduler, state)
+                    snapshot = state.snapshot(gens)  # the one snapshot point
+                    bar.update(1)
+                    if (state.step - 1) % config.eval_freq == 0:
+                        evaluate(state)
+                    saver.periodic(snapshot)
+                    if state.stopped_early:
+                        break
+                else:  # the epoch ran to its end
+                    watch.check()
+                    state.epoch, state.batches = state.epoch + 1, 0
+                    if on_epoch_end is not None:
+                        on_epoch_end(model, state.epoch)
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if isinstance(exc, TrainingInterrupted) else "SIGINT"
+        step = snapshot.step if snapshot is not None else state.step
+        raise TrainingInterrupted(name, saver.save(snapshot, check=False), step) from exc
+    # Saved before restoring the best weights, so a resumed run (e.g. with more epochs)
+    # continues the real trajectory with matching optimizer state.
+    saved = saver.save(snapshot)
+    if stop.received:  # a signal during the last step: the run is complete, but stop as asked
+        raise TrainingInterrupted(stop.received, saved, state.step)
+    if state.best_weights is not None:  # keep the best validation loss, as the chapter advises
+        model.load_state_dict(state.best_weights)
+    history = _history_frame(state)
+    history.attrs["checkpoint_error"] = saver.error
+    return history

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from helpers.checkpoints import (
+    Checkpoint,
     CheckpointError,
+    TrainState,
     capture_rng_state,
     checkpoint_path,
     load_checkpoint,
@@ -16,37 +18,41 @@ from helpers.checkpoints import (
     save_checkpoint,
 )
 from helpers.model import GPTModel
+from helpers.train_config import TrainConfig
 
 
-def _state(tiny_config) -> tuple[GPTModel, dict]:
+def _state(tiny_config) -> tuple[GPTModel, Checkpoint]:
     torch.manual_seed(0)
     model = GPTModel(tiny_config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "step": 3,
-        "epoch": 1,
-        "batches": 2,
-        "tokens_seen": 120,
-        "history": [
-            {
-                "step": 0,
-                "epoch": 0.5,
-                "tokens_seen": 60,
-                "train_loss": 1.5,
-                "val_loss": float("inf"),
-                "lr": 1e-3,
-            }
-        ],
-        "rng": capture_rng_state([torch.Generator().manual_seed(4)]),
-        "early": {"best_val": float("inf"), "best_step": -1, "bad_evals": 0, "best_state": None},
-        "config": {"lr": 1e-3, "checkpoint_dir": None, "schedule": "cosine"},
-    }
+    state = Checkpoint(
+        model=model.state_dict(),
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        state=TrainState(
+            step=3,
+            epoch=1,
+            batches=2,
+            tokens_seen=120,
+            history=[
+                {
+                    "step": 0,
+                    "epoch": 0.5,
+                    "tokens_seen": 60,
+                    "train_loss": 1.5,
+                    "val_loss": float("inf"),
+                    "lr": 1e-3,
+                }
+            ],
+            rng=capture_rng_state([torch.Generator().manual_seed(4)]),
+        ),
+        config=TrainConfig(lr=1e-3, schedule="cosine"),
+        train_batches=5,
+        data_fingerprint="abc",
+    )
     return model, state
 
 
@@ -57,14 +63,14 @@ def test_round_trip_is_exact_and_weights_only(tiny_config, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temp files left
     torch.load(path, weights_only=True)  # loads without allowing arbitrary pickles
     loaded = load_checkpoint(path)
-    for key, value in state["model"].items():
-        assert torch.equal(loaded["model"][key], value)
-    assert loaded["history"] == state["history"] and loaded["config"] == state["config"]
-    assert (loaded["step"], loaded["epoch"], loaded["batches"]) == (3, 1, 2)
+    for key, value in state.model.items():
+        assert torch.equal(loaded.model[key], value)
+    assert loaded.state.history == state.state.history and loaded.config == state.config
+    assert (loaded.state.step, loaded.state.epoch, loaded.state.batches) == (3, 1, 2)
     fresh = torch.optim.AdamW(GPTModel(tiny_config).parameters(), lr=1e-3)
-    fresh.load_state_dict(loaded["optimizer"])
+    fresh.load_state_dict(loaded.optimizer)
     assert torch.equal(
-        fresh.state_dict()["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"]
+        fresh.state_dict()["state"][0]["exp_avg"], state.optimizer["state"][0]["exp_avg"]
     )
 
 
@@ -76,9 +82,9 @@ def test_rng_states_restore(tmp_path):
     expected = (random.random(), torch.rand(3), torch.rand(2, generator=gen))
     save_checkpoint(
         tmp_path / "c.pt",
-        {"rng": saved, "model": {}, "optimizer": {}, "step": 0, "epoch": 0, "history": []},
+        Checkpoint({}, {}, {}, TrainState(rng=saved), TrainConfig(), 0, ""),
     )
-    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"], [gen])
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt").state.rng, [gen])
     assert random.random() == expected[0]
     assert torch.equal(torch.rand(3), expected[1])
     assert torch.equal(torch.rand(2, generator=gen), expected[2])

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from helpers.evaluate import load_responses
 from helpers.finetune import main
+from helpers.responses import load_responses
 from helpers.weights import load_model
 
 
@@ -73,8 +73,9 @@ def test_bad_options_exit_with_a_clear_message(extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_run_level_errors_are_clear(chapter_data_path, tmp_path):
-    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
-        main(_args(chapter_data_path, tmp_path / "none", "--resume"))
-    with pytest.raises(SystemExit, match="raise --limit"):
-        main(_args(chapter_data_path, tmp_path / "small", "--limit", "5"))
+def test_run_level_errors_are_clear(chapter_data_path, tmp_path, capsys):
+    # Expected errors: one line on stderr and exit code 2 (no traceback, no SystemExit).
+    assert main(_args(chapter_data_path, tmp_path / "none", "--resume")) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+    assert main(_args(chapter_data_path, tmp_path / "small", "--limit", "5")) == 2
+    assert "raise --limit" in capsys.readouterr().err

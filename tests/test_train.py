@@ -10,7 +10,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers.checkpoints import load_checkpoint
 from helpers.model import GPTModel
-from helpers.train import TrainConfig, calc_loss_batch, calc_loss_loader, lr_factor, train
+from helpers.train import (
+    RunOptions,
+    TrainConfig,
+    calc_loss_batch,
+    calc_loss_loader,
+    lr_factor,
+    train,
+)
+
+QUIET = RunOptions(progress=False, log_evals=False)
 
 
 def _loader(
@@ -57,8 +66,17 @@ def test_loss_falls_on_chapter_batches(tiny_config, chapter_data, capsys):
     splits = split_data(chapter_data[:60])
     loaders = make_loaders(splits, batch_size=4, allowed_max_length=64)
     model = _model(tiny_config)
-    cfg = TrainConfig(num_epochs=1, lr=5e-3, eval_freq=4, eval_iter=2, progress=False)
-    history = train(model, loaders, config=cfg, sample_entry=splits.validation[0])
+    from helpers.epoch_sample import sample_printer
+
+    cfg = TrainConfig(num_epochs=1, lr=5e-3, eval_freq=4, eval_iter=2)
+    history = train(
+        model,
+        loaders.train,
+        loaders.validation,
+        config=cfg,
+        options=RunOptions(progress=False),
+        on_epoch_end=sample_printer(splits.validation[0]),
+    )
     assert list(history.columns) == ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"]
     assert history["step"].tolist() == list(range(0, len(loaders.train), 4))
     assert history["tokens_seen"].is_monotonic_increasing
@@ -68,7 +86,7 @@ def test_loss_falls_on_chapter_batches(tiny_config, chapter_data, capsys):
     assert "Ep 1 (Step 000000): Train loss" in out and "Sample response:" in out
 
 
-def _resume_config(tmp_path, **kw) -> TrainConfig:
+def _resume_config(tmp_path, checkpoint_every=None, **kw) -> tuple[TrainConfig, RunOptions]:
     base = dict(
         num_epochs=2,
         lr=3e-3,
@@ -78,31 +96,47 @@ def _resume_config(tmp_path, **kw) -> TrainConfig:
         max_grad_norm=1.0,
         schedule="cosine",
         warmup_steps=2,
+    )
+    options = RunOptions(
         progress=False,
         log_evals=False,
         checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=checkpoint_every,
     )
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**base, **kw}), options
 
 
 def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
     train_loader, val_loader = _loader(1, n=48, shuffle=True), _loader(1, shuffle=False, seed=5)
     full_model = _model(tiny_config)
-    full = train(full_model, train_loader, val_loader, config=_resume_config(tmp_path / "a"))
+    cfg, opts = _resume_config(tmp_path / "a")
+    full = train(full_model, train_loader, val_loader, config=cfg, options=opts)
 
     def interrupt(history):
         if len(history) == 5:  # mid-epoch, during an evaluation
             raise KeyboardInterrupt
 
-    cfg = _resume_config(tmp_path / "b")
+    cfg, opts = _resume_config(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        train(_model(tiny_config), train_loader, val_loader, config=cfg, callback=interrupt)
-    ckpt = load_checkpoint(tmp_path / "b" / "ckpt")
-    assert len(ckpt["history"]) == 4 and 0 < ckpt["batches"] < len(train_loader)
+        train(
+            _model(tiny_config),
+            train_loader,
+            val_loader,
+            config=cfg,
+            options=opts,
+            callback=interrupt,
+        )
+    ckpt = load_checkpoint(tmp_path / "b" / "ckpt").state
+    assert len(ckpt.history) == 4 and 0 < ckpt.batches < len(train_loader)
 
     resumed_model = _model(tiny_config, seed=99)  # weights come from the checkpoint
     resumed = train(
-        resumed_model, train_loader, val_loader, config=cfg, resume_from=cfg.checkpoint_dir
+        resumed_model,
+        train_loader,
+        val_loader,
+        config=cfg,
+        options=opts,
+        resume_from=opts.checkpoint_dir,
     )
     assert resumed.equals(full)  # exact losses, tokens and learning rates
     for (name, a), b in zip(
@@ -113,22 +147,29 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
 
 def test_periodic_checkpoint_resumes_exactly(tiny_config, tmp_path):
     train_loader, val_loader = _loader(1, shuffle=True), _loader(1, shuffle=False, seed=5)
-    cfg = _resume_config(
+    cfg, opts = _resume_config(
         tmp_path, num_epochs=3, checkpoint_every=5, grad_accum_steps=1, max_grad_norm=None
     )
     full_model = _model(tiny_config)
-    full = train(full_model, train_loader, val_loader, config=cfg)
+    full = train(full_model, train_loader, val_loader, config=cfg, options=opts)
 
     def crash(history):
         if len(history) == 7:  # step 12: the last periodic checkpoint is step 10
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(_model(tiny_config), train_loader, val_loader, config=cfg, callback=crash)
-    assert load_checkpoint(cfg.checkpoint_dir)["step"] == 10
+        train(
+            _model(tiny_config), train_loader, val_loader, config=cfg, options=opts, callback=crash
+        )
+    assert load_checkpoint(opts.checkpoint_dir).state.step == 10
     resumed_model = _model(tiny_config, seed=7)
     resumed = train(
-        resumed_model, train_loader, val_loader, config=cfg, resume_from=cfg.checkpoint_dir
+        resumed_model,
+        train_loader,
+        val_loader,
+        config=cfg,
+        options=opts,
+        resume_from=opts.checkpoint_dir,
     )
     assert resumed.equals(full)
     assert all(
@@ -139,15 +180,16 @@ def test_periodic_checkpoint_resumes_exactly(tiny_config, tmp_path):
 
 def test_resume_rejects_a_different_setup(tiny_config, tmp_path):
     train_loader, val_loader = _loader(1, shuffle=True), _loader(1, shuffle=False)
-    cfg = _resume_config(tmp_path, num_epochs=1)
-    train(_model(tiny_config), train_loader, val_loader, config=cfg)
+    cfg, opts = _resume_config(tmp_path, num_epochs=1)
+    train(_model(tiny_config), train_loader, val_loader, config=cfg, options=opts)
     with pytest.raises(ValueError, match="seed"):
         train(
             _model(tiny_config),
             train_loader,
             val_loader,
-            config=_resume_config(tmp_path, seed=1),
-            resume_from=cfg.checkpoint_dir,
+            config=_resume_config(tmp_path, seed=1)[0],
+            options=opts,
+            resume_from=opts.checkpoint_dir,
         )
     with pytest.raises(ValueError, match="batches"):
         train(
@@ -155,7 +197,8 @@ def test_resume_rejects_a_different_setup(tiny_config, tmp_path):
             _loader(1, n=40, shuffle=True),
             val_loader,
             config=cfg,
-            resume_from=cfg.checkpoint_dir,
+            options=opts,
+            resume_from=opts.checkpoint_dir,
         )
 
 
@@ -174,10 +217,10 @@ def test_early_stopping_fires_and_restores_best_weights(tiny_config):
         eval_freq=2,
         eval_iter=2,
         early_stopping_patience=2,
-        progress=False,
-        log_evals=False,
     )
-    history = train(model, train_loader, val_loader, config=cfg, callback=keep_weights)
+    history = train(
+        model, train_loader, val_loader, config=cfg, options=QUIET, callback=keep_weights
+    )
     assert history.attrs["stopped_early"] is True
     best = int(history["val_loss"].idxmin())
     assert len(history) == best + 3  # two evaluations without improvement, then stop
@@ -200,9 +243,9 @@ def test_nan_loss_names_the_step(tiny_config):
             return logits * float("nan") if self.calls < 0 else logits
 
     model = NaNAfter(_model(tiny_config), calls=3)  # the 4th training batch turns NaN
-    cfg = TrainConfig(num_epochs=1, eval_freq=100, progress=False, log_evals=False)
+    cfg = TrainConfig(num_epochs=1, eval_freq=100)
     with pytest.raises(FloatingPointError, match=r"at step 3 \(epoch 1, batch 4\)"):
-        train(model, _loader(1, shuffle=True), _loader(1, shuffle=False), config=cfg)
+        train(model, _loader(1, shuffle=True), _loader(1, shuffle=False), config=cfg, options=QUIET)
 
 
 @pytest.mark.parametrize(
@@ -218,8 +261,9 @@ def test_nan_loss_names_the_step(tiny_config):
     ],
 )
 def test_train_config_rejects_bad_values(field, value):
+    cls = RunOptions if field == "checkpoint_every" else TrainConfig  # a run option now
     with pytest.raises(ValueError, match=field):
-        TrainConfig(**{field: value})
+        cls(**{field: value})
 
 
 def test_train_config_defaults_are_the_chapters():

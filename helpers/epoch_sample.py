@@ -1,0 +1,50 @@
+"""The chapter's per-epoch sample response, as an `on_epoch_end` callback for `train`.
+
+    history = train(model, train_loader, val_loader, on_epoch_end=sample_printer(entry))
+
+Kept apart from helpers.train so that training does not depend on generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from helpers.generate import generate_responses
+from helpers.model import eval_mode
+
+SAMPLE_MAX_NEW_TOKENS = 35  # the chapter's per-epoch sample length
+
+
+def print_sample(
+    model: torch.nn.Module,
+    entry: Mapping[str, str],
+    style: str = "alpaca",
+    max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
+) -> str:
+    """Greedy response of `model` to `entry`, printed on one line as the chapter does."""
+    with eval_mode(model):
+        text = generate_responses(
+            model,  # type: ignore[arg-type]  # any GPT-style module that returns logits
+            [dict(entry)],
+            style=style,
+            max_new_tokens=max_new_tokens,
+            progress=False,
+        )[0]
+    print("Sample response:", text.replace("\n", " "))
+    return text
+
+
+def sample_printer(
+    entry: Mapping[str, str],
+    *,
+    style: str = "alpaca",
+    max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
+) -> Callable[[torch.nn.Module, int], str]:
+    """An `on_epoch_end(model, epoch)` callback that prints the model's response to `entry`."""
+
+    def on_epoch_end(model: torch.nn.Module, epoch: int) -> str:
+        return print_sample(model, entry, style, max_new_tokens)
+
+    return on_epoch_end
