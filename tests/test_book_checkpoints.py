@@ -169,6 +169,12 @@ def test_untied_book_head(tmp_path):
         model = load_book_checkpoint(path, BOOK_CFG)
         assert model.lm_head.weight is not model.wte.weight
         torch.testing.assert_close(logits(model), logits(book), atol=1e-5, rtol=0)
+        # And back: the book's model gets its own head again.
+        again = BookGPTModel(BOOK_CFG).eval()
+        again.load_state_dict(
+            torch.load(save_book_checkpoint(model, tmp_path / "b.pth"), weights_only=True)
+        )
+        torch.testing.assert_close(logits(again), logits(book), atol=1e-5, rtol=0)
     else:
         with pytest.raises(ValueError, match="untied.pth.*out_head differs from tok_emb"):
             load_book_checkpoint(path, BOOK_CFG)
