@@ -6,7 +6,10 @@
 The last user message becomes the instruction, is wrapped in the prompt style the model
 was fine-tuned with, and the answer is cut out of the generated text by the same code the
 notebooks use (`helpers.prompts`, `helpers.generate`). `stream: true` sends the answer as
-server-sent events, as the OpenAI API does.
+server-sent events, as the OpenAI API does. The request's `model` name is not checked: the
+one loaded model answers (GET /v1/models tells its name). Out-of-range parameters, `n` other
+than 1, and a prompt plus `max_tokens` beyond the model's context get a 400 that names the
+parameter; the prompt is never cut behind the client's back.
 
 The HTTP side is Starlette on uvicorn: keep-alive, timeouts, a body limit (413), a bound on
 concurrent connections (503 beyond it), a Host allow-list against DNS rebinding (loopback
@@ -434,7 +437,7 @@ class _BodyGuard:
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         length = headers.get(b"content-length", b"0")
         large = chunked or (length.isdigit() and int(length) > DRAIN_LIMIT)
-        body_done = not (chunked or length.strip(b"0"))
+        body_done = False  # (consulted only for a large body, which is never empty)
 
         async def guarded_receive() -> Message:
             nonlocal body_done

@@ -349,6 +349,16 @@ def test_huge_declared_body_is_refused_and_the_connection_closed(server):
         status, headers, _ = read_response(f)
         assert status == 413 and headers.get("connection") == "close"
         assert closed(sock, within=5)
+    # A chunked body has no declared end: past the limit it is refused and not drained.
+    sock, f = connect(server)
+    with sock:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        head += "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunk = b"x" * 65536
+        sock.sendall(head.encode() + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 20)
+        status, headers, body = read_response(f)
+        assert status == 413 and headers.get("connection") == "close"
+        assert closed(sock, within=5)
 
 
 def test_malformed_requests_get_400(server):
