@@ -17,6 +17,7 @@ import pytest
 
 from helpers.judge import JudgeClient, JudgeServerError, ollama_client, openai_client
 from helpers.judge_scoring import CHAPTER_PROMPT, judge_prompt, parse_score, score_entries
+from helpers.responses import entry_id
 
 
 @pytest.mark.parametrize(
@@ -308,6 +309,8 @@ def test_truncated_last_line_is_repaired_not_merged_into_the_next(entries, tmp_p
     assert third.scores == [10, 20] and third.n_cached == 2
     lines = cache.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2 and all(json.loads(line)["score"] for line in lines)
+    # Stored under the one entry id that ratings use too.
+    assert [json.loads(line)["entry_id"] for line in lines] == [entry_id(e) for e in entries[:2]]
 
 
 def test_non_utf8_cache_is_one_clear_error(entries, tmp_path):
