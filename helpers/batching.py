@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator, Mapping, Sequence, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import NamedTuple
 
 import tiktoken
@@ -212,15 +212,27 @@ def make_loaders(
     seed: int = 123,
     num_workers: int = 0,
     tokenizer: tiktoken.Encoding | None = None,
+    chapter_compat: bool = False,
 ) -> Loaders:
     """The chapter's loaders (batch 8; train shuffled + drop_last); optional length grouping.
 
     With `grouped=True` every split is batched by length: train batches are shuffled
     (seeded), validation/test batches come shortest first; either way far less padding.
+
+    By default each loader shuffles with its own generator seeded with `seed`. With
+    `chapter_compat=True` (chapter-faithful mode) the loaders have no generator and `seed`
+    is not used: like the chapter's, they shuffle from torch's global random state, so
+    `torch.manual_seed(123)` before the first epoch gives the chapter's batches (padded
+    train widths 61, 76, 73, 68, 65, 72, ... on its dataset).
     """
     if len(splits) != 3:
         raise ValueError(
             "make_loaders: splits must be (train, validation, test), e.g. split_data()"
+        )
+    if chapter_compat and grouped:
+        raise ValueError(
+            "make_loaders: grouped=True batches by length, which the chapter does not; "
+            "chapter_compat=True needs grouped=False"
         )
     collate = functools.partial(
         collate_fn,
@@ -232,7 +244,8 @@ def make_loaders(
     for index, data in enumerate(splits):
         dataset = InstructionDataset(data, tokenizer=tokenizer, style=style)
         is_train = index == 0
-        generator = torch.Generator().manual_seed(seed)
+        # None: the chapter's DataLoader, which draws from torch's global random state.
+        generator = None if chapter_compat else torch.Generator().manual_seed(seed)
         if grouped:
             sampler = LengthGroupedBatchSampler(
                 dataset.lengths, batch_size, shuffle=is_train, drop_last=is_train, seed=seed
@@ -277,7 +290,8 @@ def padding_share(loader: DataLoader) -> float:
     """Share of input positions that are padding over one epoch of `loader`'s batches.
 
     Reads only the batch indices and the dataset's lengths (no tensors are built) and
-    restores the samplers' random state, so training still sees the same batch order.
+    restores the samplers' random state (torch's global one too, which loaders without a
+    generator shuffle from), so training still sees the same batch order.
     """
     dataset, batch_sampler = loader.dataset, loader.batch_sampler
     if batch_sampler is None:
@@ -291,21 +305,30 @@ def padding_share(loader: DataLoader) -> float:
     allowed = keywords.get("allowed_max_length")
     generators = loader_generators(loader)
     states = [gen.get_state() for gen in generators]
-    padded = total = 0
-    try:
-        if loader.generator is not None:
-            # Iterating a DataLoader first draws its workers' base seed from this generator,
-            # then the sampler shuffles: take the same draw so the batches seen are the ones
-            # the next epoch of training will get.
+    # fork_rng: a loader without generators (chapter_compat) draws from the global state.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            # Iterating a DataLoader first draws its workers' base seed from its generator
+            # (else the global state), then the sampler shuffles: take the same draw so the
+            # batches seen are the ones the next epoch of training will get.
             torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-        for indices in batch_sampler:
-            # collate_fn's input width is the longest item (its +1 slot is cut by the shift).
-            width = max(lengths[i] for i in indices)
-            if allowed is not None:
-                width = min(width, allowed)
-            total += width * len(indices)
-            padded += sum(width - min(lengths[i], width) for i in indices)
-    finally:
-        for gen, state in zip(generators, states, strict=True):
-            gen.set_state(state)
+            padded, total = _count_padding(batch_sampler, lengths, allowed)
+        finally:
+            for gen, state in zip(generators, states, strict=True):
+                gen.set_state(state)
     return padded / total if total else 0.0
+
+
+def _count_padding(
+    batch_sampler: Iterable[list[int]], lengths: Sequence[int], allowed: int | None
+) -> tuple[int, int]:
+    """(padding positions, all input positions) over the batches `batch_sampler` yields."""
+    padded = total = 0
+    for indices in batch_sampler:
+        # collate_fn's input width is the longest item (its +1 slot is cut by the shift).
+        width = max(lengths[i] for i in indices)
+        if allowed is not None:
+            width = min(width, allowed)
+        total += width * len(indices)
+        padded += sum(width - min(lengths[i], width) for i in indices)
+    return padded, total

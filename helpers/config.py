@@ -21,6 +21,9 @@ class GPTConfig:
     n_layers: int = 12
     drop_rate: float = 0.0
     qkv_bias: bool = True
+    # GPT-2 ties its output head to the token embedding (`lm_head.weight is wte.weight`);
+    # False gives the chapter's separate, separately trained `out_head` (chapter-faithful mode).
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -33,10 +36,22 @@ class GPTConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(
+                f"GPTConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}"
+            )
 
     def to_dict(self) -> dict:
         """Plain dict, e.g. to store inside a checkpoint."""
         return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        """The inverse of `to_dict`; dicts saved before a field existed get its default."""
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown field {unknown[0]!r}")
+        return replace(cls(), **values)  # validated by __post_init__ like any GPTConfig
 
 
 # The chapter's names (with sizes) are canonical; short names are accepted as aliases.

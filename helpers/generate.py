@@ -214,9 +214,16 @@ def generate_responses(
     top_k: int | None = None,
     seed: int | None = None,
     progress: bool = True,
+    chapter_compat: bool = False,
 ) -> list[str]:
-    """The model's response text to each entry's formatted prompt, in the entries' order."""
-    prompts = [encode(format_prompt(e, style)) for e in entries]
+    """The model's response text to each entry's formatted prompt, in the entries' order.
+
+    With `chapter_compat=True` the chapter's section 7.7: the prompt is `format_input(entry)`
+    (no response header; the model writes it) and the answer is the new text with the header
+    removed and stripped, nothing else cut (`extract_response(..., chapter_compat=True)`).
+    The chapter generates one entry at a time: `batch_size=1` also avoids padding.
+    """
+    prompts = [encode(format_prompt(e, style, chapter_compat=chapter_compat)) for e in entries]
     # Batches of similar length waste little compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[str] = [""] * len(prompts)
@@ -232,7 +239,8 @@ def generate_responses(
             seed=None if seed is None else seed + start,
         )
         for i, tokens in zip(chunk, new, strict=True):
-            responses[i] = extract_response(decode(tokens), style)
+            # `tokens` are the new tokens only: no prompt to cut from the front.
+            responses[i] = extract_response(decode(tokens), style, chapter_compat=chapter_compat)
         bar.update(len(chunk))
     bar.close()
     return responses
@@ -254,11 +262,13 @@ def generate_test_responses(
     progress: bool = True,
     response_key: str = RESPONSE_KEY,
     extra_metadata: Mapping[str, Any] | None = None,
+    chapter_compat: bool = False,
 ) -> ResponseSet:
     """Answer every entry with `generate_responses` (greedy by default); save to `path` if given.
 
-    The metadata records model, checkpoint, prompt style and generation settings, plus
-    `extra_metadata` (e.g. the fine-tuning options that produced the model).
+    The metadata records model, checkpoint, prompt style and generation settings (with
+    `chapter_compat`, the chapter's prompt and extraction), plus `extra_metadata` (e.g. the
+    fine-tuning options that produced the model).
     """
     answers = generate_responses(
         model,
@@ -270,6 +280,7 @@ def generate_test_responses(
         top_k=top_k,
         seed=seed,
         progress=progress,
+        chapter_compat=chapter_compat,
     )
     out = [{**dict(e), response_key: a} for e, a in zip(entries, answers, strict=True)]
     metadata = {
@@ -283,6 +294,7 @@ def generate_test_responses(
             "seed": seed,
             "batch_size": batch_size,
             "decoding": "greedy" if temperature == 0 else "sampling",
+            "chapter_compat": chapter_compat,
         },
         "n_entries": len(out),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

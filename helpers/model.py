@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +188,11 @@ def make_position_ids(
 
 
 class GPTModel(nn.Module):
-    """GPT-2: embeddings, `n_layers` blocks, final LayerNorm, output head tied to `wte`."""
+    """GPT-2: embeddings, `n_layers` blocks, final LayerNorm, output head `lm_head`.
+
+    The head is tied to `wte` (one matrix, GPT-2's layout) unless `cfg.tie_embeddings` is
+    False: then it is a separate parameter, trained on its own, as the chapter's `out_head`.
+    """
 
     def __init__(self, cfg: GPTConfig | Mapping) -> None:
         super().__init__()
@@ -199,10 +205,31 @@ class GPTModel(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        # Weight tying as in GPT-2: the output head reuses the token embedding matrix
-        # (the chapter keeps a separate copy, 163M instead of 124M parameters).
-        self.lm_head.weight = self.wte.weight
+        if cfg.tie_embeddings:
+            # Weight tying as in GPT-2: the output head reuses the token embedding matrix
+            # (the chapter keeps a separate copy: 163M instead of 124M parameters).
+            self.lm_head.weight = self.wte.weight
         self.reset_parameters()
+
+    @property
+    def tied(self) -> bool:
+        """True when the output head is the token embedding matrix itself."""
+        return self.lm_head.weight is self.wte.weight
+
+    def untie_output_head(self) -> GPTModel:
+        """Give the model a separate output head that starts as a copy of `wte`; returns self.
+
+        What the chapter does with OpenAI's weights (`out_head.weight = wte`, assigned as its
+        own parameter): from here on the head and the embedding train separately. Build an
+        optimizer only after calling this (the new head is a new parameter).
+        """
+        if self.tied:
+            weight = self.wte.weight
+            self.lm_head.weight = nn.Parameter(
+                weight.detach().clone(), requires_grad=weight.requires_grad
+            )
+            self.cfg = replace(self.cfg, tie_embeddings=False)
+        return self
 
     def reset_parameters(self) -> None:
         """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down."""
@@ -276,6 +303,28 @@ def count_config_parameters(cfg: GPTConfig) -> int:
     """Parameters of a model with config `cfg`, counted without allocating its weights."""
     with torch.device("meta"):  # shapes only: works for gpt2-xl on any laptop
         return count_parameters(GPTModel(cfg))
+
+
+class ParameterCounts(NamedTuple):
+    """A config's parameter count with the output head tied to `wte` and untied."""
+
+    tied: int  # GPT-2's layout: the head is `wte`, counted once
+    untied: int  # the chapter's GPTModel: a separate `out_head` of vocab_size x emb_dim
+
+
+def parameter_counts(cfg: GPTConfig) -> ParameterCounts:
+    """Both counts for `cfg` (whatever its `tie_embeddings`), without allocating weights.
+
+    gpt2-small: 124,439,808 tied (OpenAI's GPT-2) and 163,037,184 untied. The book's
+    chapter 4 prints 163,009,536 and "considering weight tying" 124,412,160: 27,648 fewer,
+    because its GPT_CONFIG_124M has `qkv_bias=False` (12 layers x 3 x 768 q/k/v biases);
+    with `qkv_bias=False` these functions give the book's two numbers exactly. Chapters
+    5-7 load OpenAI's weights with `qkv_bias=True`, hence the larger pair.
+    """
+    return ParameterCounts(
+        tied=count_config_parameters(replace(cfg, tie_embeddings=True)),
+        untied=count_config_parameters(replace(cfg, tie_embeddings=False)),
+    )
 
 
 def model_memory_bytes(model: nn.Module) -> int:

@@ -3,10 +3,16 @@
 Training text and inference prompts are built by the same function, `format_prompt`:
 training text is `format_prompt(entry) + entry["output"]`, and at inference the model
 continues `format_prompt(entry)`. `extract_response` undoes it after generation.
+
+Chapter-faithful mode (`chapter_compat=True`, off by default; `chapter_compat_from_env()`
+reads the $COURSE_CHAPTER_COMPAT switch) prompts and extracts as the chapter's section 7.7
+does: the prompt is `format_input(entry)` alone, the model writes the response header
+itself, and the answer is the generated text after the prompt with the header removed.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -92,9 +98,18 @@ def format_response(entry: Mapping[str, str], style: str | PromptStyle = "alpaca
     return get_style(style).response_header + entry["output"]
 
 
-def format_prompt(entry: Mapping[str, str], style: str | PromptStyle = "alpaca") -> str:
-    """Inference prompt: the formatted input followed by the response header."""
+def format_prompt(
+    entry: Mapping[str, str], style: str | PromptStyle = "alpaca", *, chapter_compat: bool = False
+) -> str:
+    """Inference prompt: the formatted input followed by the response header.
+
+    With `chapter_compat=True` the chapter's inference prompt, `format_input(entry)` without
+    the header: the fine-tuned model writes "### Response:" itself. Training text always
+    includes the header (`format_example`), as in the chapter.
+    """
     s = get_style(style)
+    if chapter_compat:
+        return s.render_input(entry)
     return s.render_input(entry) + s.response_header
 
 
@@ -104,9 +119,17 @@ def format_example(entry: Mapping[str, str], style: str | PromptStyle = "alpaca"
 
 
 def extract_response(
-    generated_text: str, style: str | PromptStyle = "alpaca", *, prompt: str | None = None
+    generated_text: str,
+    style: str | PromptStyle = "alpaca",
+    *,
+    prompt: str | None = None,
+    chapter_compat: bool = False,
 ) -> str:
     """Cut the model's answer out of generated text (with or without the prompt in front).
+
+    With `chapter_compat=True` the chapter's rule and nothing more:
+    `generated_text[len(prompt):].replace("### Response:", "").strip()` (the style's header;
+    no prompt: nothing is cut from the front). Otherwise, as follows.
 
     With the prompt in front, takes what follows the prompt's response header, or, when the
     model was given the prompt without a header and wrote none, what follows the prompt
@@ -116,6 +139,9 @@ def extract_response(
     special token anywhere, at a section header only on a line that is exactly the header.
     """
     s = get_style(style)
+    if chapter_compat:
+        text = generated_text[len(prompt) :] if prompt is not None else generated_text
+        return text.replace(s.response_header.strip(), "").strip()
     text = generated_text
     if prompt is not None and text.startswith(prompt):
         text = text[len(prompt) :]
@@ -176,3 +202,41 @@ def _turn_start(text: str, s: PromptStyle) -> int:
         if m:
             cut = min(cut, m.start())
     return cut
+
+
+# --- the chapter-faithful switch ---------------------------------------------------------------
+
+CHAPTER_COMPAT_ENV = "COURSE_CHAPTER_COMPAT"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def chapter_compat_from_env(default: bool = False) -> bool:
+    """The chapter-faithful switch, $COURSE_CHAPTER_COMPAT (1/0, true/false, on/off; unset: off).
+
+    The one place it is read. Pass the result as `chapter_compat=` to the pieces that have
+    one: `GPTConfig(tie_embeddings=not on)` / `GPTModel.untie_output_head()` (the chapter's
+    separate output head), `make_loaders` (the chapter's shuffling from the global random
+    state), `format_prompt`, `extract_response`, `generate_responses` (its prompt and answer).
+    """
+    value = os.environ.get(CHAPTER_COMPAT_ENV, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"${CHAPTER_COMPAT_ENV} must be 1 or 0 (also true/false, yes/no, on/off), "
+        f"got {os.environ[CHAPTER_COMPAT_ENV]!r}"
+    )
+
+
+def describe_chapter_compat(enabled: bool) -> str:
+    """The line notebooks print about the switch: 'chapter-faithful mode: off' (or on)."""
+    if enabled:
+        return (
+            "chapter-faithful mode: on (untied output head, global-RNG shuffling, "
+            "header-less prompts)"
+        )
+    return "chapter-faithful mode: off"
