@@ -289,7 +289,7 @@ def small_prefs(tmp_path):
             "chosen": f"Sure: {i}.",
             "rejected": "No.",
         }
-        for i in range(30)
+        for i in range(20)
     ]
     return save_preferences(entries, tmp_path / "prefs.json")
 
@@ -297,7 +297,7 @@ def small_prefs(tmp_path):
 def _cli_args(sft, data, out, *extra: str) -> list[str]:
     return [
         "--model", "tiny", "--sft-checkpoint", str(sft), "--data", str(data), "--output-dir", str(out),
-        "--batch-size", "4", "--eval-freq", "2", "--eval-iter", "1", "--max-new-tokens", "4", "--quiet", *extra,
+        "--batch-size", "4", "--eval-freq", "2", "--eval-iter", "1", "--max-new-tokens", "4", "--response-limit", "1", "--quiet", *extra,
     ]  # fmt: skip
 
 
@@ -306,7 +306,7 @@ def test_cli_writes_artifacts_and_resumes(tiny_sft, small_prefs, tmp_path, capsy
     from helpers.weights import load_model
 
     out = tmp_path / "dpo"
-    assert main(_cli_args(tiny_sft, small_prefs, out, "--max-steps", "3")) == 0
+    assert main(_cli_args(tiny_sft, small_prefs, out, "--max-steps", "2")) == 0
     printed = capsys.readouterr().out
     assert "TINY OFFLINE MODE" in printed and "=== DPO summary ===" in printed
     names = {p.name for p in out.iterdir()}
@@ -314,14 +314,17 @@ def test_cli_writes_artifacts_and_resumes(tiny_sft, small_prefs, tmp_path, capsy
             "validation-responses.json"} <= names  # fmt: skip
     assert not [n for n in names if n.endswith(".tmp")]
     first = pd.read_csv(out / "history.csv")
-    assert first["step"].tolist() == [0, 2]
+    assert first["step"].tolist() == [0]
     assert main(_cli_args(tiny_sft, small_prefs, out, "--resume")) == 0
     history = pd.read_csv(out / "history.csv")
-    # 30 entries -> 25 train pairs -> 6 batches of 4: steps 0..5, evaluated at 0, 2, 4
-    assert history["step"].tolist() == [0, 2, 4]
-    pd.testing.assert_frame_equal(history.iloc[:2], first)
+    # 20 entries -> 17 train pairs -> 4 batches of 4: steps 0..3, evaluated at 0 and 2
+    assert history["step"].tolist() == [0, 2]
+    pd.testing.assert_frame_equal(history.iloc[:1], first)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["entries"]["train"] == 25
+    assert summary["steps"] == 4 and summary["entries"] == {"train": 17, "validation": 1}
+    responses = json.loads((out / "validation-responses.json").read_text())
+    assert responses["metadata"]["model"] == "tiny" and len(responses["entries"]) == 1
+    assert {"sft_response", "dpo_response"} <= set(responses["entries"][0])
     assert load_model(out / "tiny-dpo.safetensors").cfg.emb_dim == 32
 
 
