@@ -1,8 +1,9 @@
-"""The OpenAI chat-completions protocol of `helpers.serve`: request checks, reply objects, streaming.
+"""The OpenAI chat-completions protocol of `helpers.serve`: request checks and reply objects.
 
 No HTTP here: `parse_chat_request` turns a request body into a `ChatRequest` or raises a
-`RequestError` that becomes an OpenAI-style error reply, and `ResponseText` turns generated
-tokens into the pieces of answer text that a streamed reply sends.
+`RequestError` that becomes an OpenAI-style error reply; `fit_max_tokens` checks the prompt
+and answer against the context; `completion_object` and `chunk_object` build the replies.
+Streaming (server-sent events) is `helpers.serve_stream`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
-
-from helpers.prompts import extract_response, get_style
-from helpers.tokenizer import EOS_TOKEN, decode
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives none (and the context leaves room for it)
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
@@ -80,6 +78,15 @@ class ChatRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+
+
+@dataclass
+class PreparedRequest:
+    """A checked request with its prompt tokens and the max_tokens that fit the context."""
+
+    request: ChatRequest
+    prompt_ids: list[int]
+    max_tokens: int
 
 
 def _instruction_from_messages(messages: Any) -> tuple[str, str]:
@@ -277,56 +284,3 @@ def chunk_object(
     if with_usage:
         chunk["usage"] = None
     return chunk
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> str:
-    """`text` less an ending that may still change: a partial character, a partial stop
-    string (a turn start the answer would be cut at) and trailing whitespace (stripped)."""
-    text = text.rstrip("\ufffd")  # an incomplete UTF-8 character decodes as U+FFFD
-    longest = max(len(s) for s in stops)
-    for k in range(min(longest, len(text)), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops):
-            text = text[:-k]
-            break
-    return text.rstrip()
-
-
-class ResponseText:
-    """The answer text of a generation in progress, handed out in increments for streaming.
-
-    The full text is always `extract_response(decode(tokens), style)`, as in the notebooks;
-    an increment is only sent once later tokens can no longer change it, so the streamed
-    pieces add up to the non-streamed answer.
-    """
-
-    def __init__(self, style: str) -> None:
-        self.style = get_style(style)
-        self.tokens: list[int] = []
-        self.sent = ""
-        # Every marker the answer may be cut at (whatever the style calls its lists).
-        markers = [
-            m
-            for attr in ("turn_starts", "section_headers", "turn_markers")
-            for m in getattr(self.style, attr, ())
-        ]
-        self._stops = (EOS_TOKEN, self.style.response_header.strip(), *markers)
-
-    @property
-    def text(self) -> str:
-        """The answer so far, cut out of the generated text."""
-        return extract_response(decode(self.tokens), self.style)
-
-    def add(self, token: int) -> str:
-        """Take one generated token; return the new settled text (often empty)."""
-        self.tokens.append(token)
-        return self._advance(_held_back(self.text, self._stops))
-
-    def finish(self) -> str:
-        """The rest of the answer, once generation has ended."""
-        return self._advance(self.text)
-
-    def _advance(self, text: str) -> str:
-        if not text.startswith(self.sent):
-            return ""  # cannot happen with the held-back ending; never resend text
-        delta, self.sent = text[len(self.sent) :], text
-        return delta

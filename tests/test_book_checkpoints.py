@@ -12,13 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from helpers.book_checkpoints import load_book_checkpoint, save_book_checkpoint
 from helpers.config import GPTConfig
-from helpers.weights import (
-    CheckpointFileError,
-    CheckpointMismatchError,
-    load_book_checkpoint,
-    save_book_checkpoint,
-)
+from helpers.weight_checks import CheckpointFileError, CheckpointMismatchError
 
 # --- the book's model, as in the chapter's previous_chapters.py ---------------------------
 

@@ -21,12 +21,12 @@ from helpers.model import GPTModel
 from helpers.prompts import format_prompt
 from helpers.serve import (
     ServeOptions,
-    _instruction_from_messages,
     load_served_model,
     main,
     make_server,
     serve_in_thread,
 )
+from helpers.serve_api import _instruction_from_messages
 from helpers.tokenizer import encode
 
 T = 30  # seconds: the limit of any one network operation in these tests

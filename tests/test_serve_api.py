@@ -8,10 +8,10 @@ from helpers.prompts import extract_response
 from helpers.serve_api import (
     DEFAULT_MAX_TOKENS,
     RequestError,
-    ResponseText,
     fit_max_tokens,
     parse_chat_request,
 )
+from helpers.serve_stream import ResponseText
 from helpers.tokenizer import EOS_TOKEN, decode, encode
 
 USER = [{"role": "user", "content": "Hi"}]
