@@ -93,8 +93,13 @@ benchmarks: setup
 	$(PY) benchmarks/bench_generation.py
 	$(PY) benchmarks/bench_training.py
 
-notebooks: setup  ## re-run every notebook in place (outputs committed for the web)
-	for nb in notebooks/0*.ipynb; do $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=False "$$nb" || exit 1; done
+# In order, 01 to 07 (later notebooks read what earlier ones saved), each in a fresh kernel, with
+# the widget state saved beside the outputs. MPLBACKEND is unset for the kernel: an exported one
+# (Agg in CI shells) replaces the inline backend and every figure would be missing. Then the
+# checks that the committed outputs render everywhere (tests/test_notebooks.py).
+notebooks: setup  ## re-run every notebook in place (outputs committed for the web), then check them
+	for nb in notebooks/0*.ipynb; do env -u MPLBACKEND $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=True "$$nb" || exit 1; done
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_notebooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from helpers.atomic import atomic_write_text
 from helpers.judge import JudgeClient
+from helpers.progress import tqdm
 from helpers.prompts import format_input
 from helpers.responses import RESPONSE_KEY, entry_id
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from helpers.model import eval_mode
+from helpers.progress import tqdm
 from helpers.tokenizer import EOS_ID, encode
 
 LETTERS = "ABCDEFGH"

@@ -249,7 +249,7 @@ def generate_preferences(
     cache = read_rewrite_cache(path) if path is not None else {}
     iterator: Any = enumerate(entries)
     if progress:
-        from tqdm.auto import tqdm
+        from helpers.progress import tqdm
 
         iterator = tqdm(iterator, total=len(entries), desc="Rewriting", unit="entry")
     pairs, empty = [], []
