@@ -117,9 +117,9 @@ def _feed(h: Any, item: Any) -> None:
     h.update(b"|")
 
 
-def data_fingerprint(datasets: Iterable[Any]) -> str:
-    """SHA-256 of every example of the datasets (e.g. token ids): the same data, the same hash."""
-    h = hashlib.sha256()
+def data_fingerprint(datasets: Iterable[Any], batching: object = None) -> str:
+    """SHA-256 of every example of the datasets (e.g. token ids) and of how they are batched."""
+    h = hashlib.sha256(repr(batching).encode())
     for dataset in datasets:
         for index in range(len(dataset)):
             _feed(h, dataset[index])
@@ -273,8 +273,9 @@ def check_resumable(
         )
     if checkpoint.data_fingerprint != data_fingerprint:
         raise CheckpointError(
-            "cannot resume: the training or validation data differ from the checkpoint's "
-            f"(fingerprint {data_fingerprint}, checkpoint {checkpoint.data_fingerprint})"
+            "cannot resume: the data differ from the checkpoint's (training or validation "
+            "examples, or their batch size, prompt masking or max length; fingerprint "
+            f"{data_fingerprint}, checkpoint {checkpoint.data_fingerprint})"
         )
     mismatch = _weights_mismatch(checkpoint.model, model)
     if mismatch:

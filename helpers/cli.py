@@ -18,6 +18,7 @@ from typing import Any
 
 from helpers.config import CHAPTER_RUN_DEFAULTS, TINY_RUN_DEFAULTS, run_defaults
 from helpers.config import resolve_model_name as _resolve
+from helpers.prompts import PROMPT_STYLES, get_style
 from helpers.runtime import DEFAULT_MODEL, course_model, run_dir
 from helpers.train_config import TrainConfig, field_problem
 
@@ -48,6 +49,14 @@ class FinetuneSettings:
     test_limit: int | None = None
     device: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_length", "max_new_tokens", "sample_max_new_tokens",
+                     "limit", "test_limit", "checkpoint_every", "checkpoint_minutes"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"FinetuneSettings.{name} must be > 0, got {value!r}")
+        get_style(self.style)  # ValueError listing the valid styles
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--limit", type=_parse(int), default=None,
         help="use only the first N dataset entries" + _default_note("limit", None))  # fmt: skip
-    add("--style", default="alpaca", choices=["alpaca", "phi3"], help="prompt style")
+    add("--style", default="alpaca", choices=list(PROMPT_STYLES), help="prompt style")
     add("--mask-prompt", action="store_true", help="compute the loss on response tokens only")
     add("--batch-size", type=_parse(int), default=8, help="batch size (default: 8)")
     add(

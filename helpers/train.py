@@ -125,8 +125,8 @@ class _Evaluator:
             train_loss, val_loss = evaluate_model(
                 self.model, train_loader, val_loader, self.device, self.config.eval_iter
             )
-        check_finite(train_loss, "training loss (evaluation)", state)
         check_finite(val_loss, "validation loss", state)
+        check_finite(train_loss, "training loss (evaluation)", state)
         step = state.step - 1  # the chapter's 0-based global step
         values = [step, state.epoch + state.batches / len(train_loader), state.tokens_seen,
                   train_loss, val_loss, self.optimizer.param_groups[0]["lr"]]  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -70,8 +71,8 @@ def check_finite(loss: float, what: str, state: TrainState) -> None:
     """Raise FloatingPointError naming the step if `loss` is NaN or infinite."""
     if not math.isfinite(loss):
         raise FloatingPointError(
-            f"{what} is {loss} at step {state.step} (epoch {state.epoch + 1}); lower the "
-            "learning rate or check the data"
+            f"{what} is {loss} at the evaluation of step {state.step - 1} (epoch "
+            f"{state.epoch + 1}); lower the learning rate or check the data"
         )
 
 
@@ -177,6 +178,12 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+def _batching(loader: DataLoader) -> dict[str, Any]:
+    # How examples become batches (collate_fn's options, e.g. mask_prompt), minus the device.
+    options = getattr(loader.collate_fn, "keywords", {})
+    return {"batch_size": loader.batch_size, **{k: v for k, v in options.items() if k != "device"}}
+
+
 class RunCheckpointer:
     """Saves snapshots (taken at optimizer-step boundaries): every N steps/minutes and at the end."""
 
@@ -189,6 +196,7 @@ class RunCheckpointer:
         self._fingerprint: str | None = None
         if options.checkpoint_dir is not None:
             remove_stale_temp_files(options.checkpoint_dir)
+            self._data()  # the data fingerprint now, not during a Ctrl-C
 
     def resume(self, path: str | Path, model: torch.nn.Module) -> TrainState:
         """Load a checkpoint into the model, optimizer and scheduler after checking it fits."""
@@ -201,9 +209,11 @@ class RunCheckpointer:
 
     def _data(self) -> dict[str, Any]:
         if self._fingerprint is None:  # computed once: it reads every example
-            datasets = [loader.dataset for loader in self.parts["loaders"]]
+            loaders = self.parts["loaders"]
+            datasets = [loader.dataset for loader in loaders]
             sized = all(hasattr(d, "__len__") for d in datasets)
-            self._fingerprint = data_fingerprint(datasets) if sized else ""
+            batching = [_batching(loader) for loader in loaders]
+            self._fingerprint = data_fingerprint(datasets, batching) if sized else ""
         return {
             "train_batches": len(self.parts["loaders"][0]),
             "data_fingerprint": self._fingerprint,
@@ -231,7 +241,7 @@ class RunCheckpointer:
             path = save_checkpoint(self.options.checkpoint_dir, ckpt)
         except CheckpointError as exc:  # disk full, non-finite weights: training goes on
             self.error = str(exc)
-            tqdm.write(f"warning: {exc}")
+            tqdm.write(f"warning: {exc}", file=sys.stderr)
             return None
         self.last_save = time.monotonic()
         return path

@@ -1,0 +1,219 @@
+"""The command line when things go wrong: kills, signals, bad folders, resume mismatches.
+
+Also the settings layer: flags generated from TrainConfig, one table of tiny defaults, a
+seeded random init, `run` that neither mutates its input nor exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import helpers.finetune as finetune
+from helpers.checkpoints import load_checkpoint
+from helpers.cli import DEFAULT_CHECKPOINT_MINUTES, build_parser, settings_from_args
+from helpers.config import TINY_RUN_DEFAULTS, run_defaults
+from helpers.train import TrainConfig, TrainingInterrupted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(data_path, out, *extra: str) -> list[str]:
+    return [
+        "--model", "tiny", "--data", str(data_path), "--limit", "40", "--batch-size", "4",
+        "--epochs", "1", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", "2",
+        "--test-limit", "1", "--output-dir", str(out), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_every_train_config_field_has_a_generated_flag():
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions}
+    for f in fields(TrainConfig):
+        assert f.name in flags, f.name
+        assert f.metadata["help"] in (flags[f.name].help or ""), f.name
+    assert "--epochs" in flags["num_epochs"].option_strings
+    assert "--grad-accum" in flags["grad_accum_steps"].option_strings
+
+
+def test_settings_come_from_one_table_and_leave_args_alone(chapter_data_path, tmp_path):
+    args = build_parser().parse_args(_args(chapter_data_path, tmp_path, "--limit", "50"))
+    before = dict(vars(args))
+    settings = settings_from_args(args)
+    assert vars(args) == before  # nothing filled in behind the caller's back
+    assert run_defaults("tiny") is TINY_RUN_DEFAULTS
+    assert settings.train.lr == TINY_RUN_DEFAULTS.lr and settings.limit == 50
+    assert settings.checkpoint_minutes == DEFAULT_CHECKPOINT_MINUTES  # periodic by default
+    medium = settings_from_args(build_parser().parse_args(["--model", "gpt2-medium"]))
+    assert (medium.train.lr, medium.limit, medium.max_new_tokens) == (5e-5, None, 256)
+
+
+def test_seed_seeds_the_random_init(chapter_data_path, tmp_path):
+    def weights(*extra: str) -> torch.Tensor:
+        settings = settings_from_args(
+            build_parser().parse_args(_args(chapter_data_path, tmp_path, *extra))
+        )
+        return finetune.build(settings, finetune.load(settings)).model.wte.weight
+
+    assert torch.equal(weights("--seed", "7"), weights("--seed", "7"))
+    assert not torch.equal(weights("--seed", "7"), weights("--seed", "8"))
+
+
+def test_run_raises_instead_of_exiting(chapter_data_path, tmp_path):
+    settings = settings_from_args(
+        build_parser().parse_args(_args(chapter_data_path, tmp_path, "--limit", "5"))
+    )
+    with pytest.raises(finetune.RunError, match="raise --limit"):
+        finetune.run(settings)
+
+
+# --- expected errors: one line, exit code 2 ------------------------------------------
+
+
+def test_bad_dataset_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "x"}]')
+    assert finetune.main(_args(bad, tmp_path / "out")) == 2
+    _one_line_error(capsys, str(bad))
+    with pytest.raises(ValueError):
+        finetune.main(_args(bad, tmp_path / "out", "--debug"))
+
+
+def test_unwritable_or_full_output_folder_fails_before_training(
+    chapter_data_path, tmp_path, capsys, monkeypatch
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert finetune.main(_args(chapter_data_path, blocker / "out")) == 2
+    _one_line_error(capsys, "not writable", str(blocker / "out"))
+
+    import helpers.runtime
+
+    usage = helpers.runtime.shutil.disk_usage(tmp_path)._replace(free=1024)
+    monkeypatch.setattr(helpers.runtime.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained anyway"))
+    assert finetune.main(_args(chapter_data_path, tmp_path / "full")) == 2
+    _one_line_error(capsys, "MiB free", str(tmp_path / "full"))
+
+
+def test_nan_during_training_is_one_line(chapter_data_path, tmp_path, capsys, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("training loss is nan at step 3 (epoch 1, batch 4)")
+
+    monkeypatch.setattr(finetune, "train", diverge)
+    assert finetune.main(_args(chapter_data_path, tmp_path / "nan")) == 2
+    _one_line_error(capsys, "training loss is nan at step 3")
+
+
+def test_interrupt_before_any_checkpoint_does_not_suggest_resume(
+    chapter_data_path, tmp_path, capsys, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("SIGINT", checkpoint=None, step=0)
+
+    monkeypatch.setattr(finetune, "train", interrupted)
+    assert finetune.main(_args(chapter_data_path, tmp_path / "int")) == 130
+    err = capsys.readouterr().err
+    assert "no checkpoint was saved" in err and "--resume" not in err
+
+
+def test_failed_checkpoint_still_writes_the_model(chapter_data_path, tmp_path, capsys, monkeypatch):
+    import helpers.checkpoints
+
+    def full_disk(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(helpers.checkpoints.torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert finetune.main(_args(chapter_data_path, out)) == 2
+    assert (out / "tiny-sft.safetensors").is_file() and (out / "summary.json").is_file()
+    warning, error = capsys.readouterr().err.strip().splitlines()  # when it failed, and at the end
+    assert warning.startswith("warning: cannot write checkpoint")
+    assert error.startswith("error: cannot write checkpoint") and str(out / "checkpoints") in error
+    assert "enforce fail" not in warning + error
+
+
+def test_resume_refuses_other_settings_and_other_data(chapter_data_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune.main(_args(chapter_data_path, out)) == 0
+    capsys.readouterr()
+    assert finetune.main(_args(chapter_data_path, out, "--resume", "--lr", "0.05")) == 2
+    _one_line_error(capsys, "hyper-parameters changed: lr 0.05 (checkpoint: 0.001)")
+
+    entries = json.loads(chapter_data_path.read_text(encoding="utf-8"))[:40]
+    entries[0]["output"] += " (edited)"  # same size, different data
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(entries), encoding="utf-8")
+    assert finetune.main(_args(other, out, "--resume")) == 2
+    _one_line_error(capsys, "data differ")
+
+
+# --- real signals to a real process --------------------------------------------------
+
+
+def _start(data_path, out, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "helpers.finetune",
+           *_args(data_path, out, "--epochs", "200", "--eval-freq", "50", *extra)]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"no checkpoint appeared (rc {proc.returncode}): {err[-2000:]}")
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_a_checkpoint(chapter_data_path, tmp_path):
+    # SIGHUP takes the same path (tests/test_train_reliability.py sends both in-process).
+    signame = "SIGTERM"
+    out = tmp_path / "run"
+    proc = _start(chapter_data_path, out, "--checkpoint-every", "3")
+    try:
+        _wait_for(out / "checkpoints" / "checkpoint.pt", proc)
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, signame), err[-2000:]
+    assert f"Interrupted ({signame})" in err and "rerun with --resume" in err
+    state = load_checkpoint(out / "checkpoints").state
+    assert state.step >= 3 and not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_a_killed_run_leaves_a_usable_periodic_checkpoint(chapter_data_path, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(chapter_data_path, out, "--checkpoint-minutes", "0.002")  # by the clock
+    try:
+        _wait_for(out / "checkpoints" / "checkpoint.pt", proc)
+        time.sleep(1.0)  # let it write a few more, possibly mid-write when killed
+        proc.kill()  # SIGKILL: nothing runs on the way out
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert load_checkpoint(out / "checkpoints").state.step >= 1

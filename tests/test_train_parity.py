@@ -1,0 +1,71 @@
+"""`train` with its defaults computes exactly the chapter's `train_model_simple` losses.
+
+The speed levers (no per-step host synchronisation, fused AdamW on CUDA, bf16 only when
+asked) must not change what is computed: on CPU the history equals, bit for bit, that of
+the book's loop written out below.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers.model import GPTModel
+from helpers.train import RunOptions, TrainConfig, calc_loss_batch, evaluate_model, train
+
+
+def _loader(seed: int, n: int = 24) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, 50, (n, 10), generator=g)
+    targets = (inputs + 1) % 50
+    targets[:, -2:] = -100
+    return DataLoader(TensorDataset(inputs, targets), batch_size=4, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
+                       eval_freq, eval_iter, seed):  # fmt: skip
+    """The book's loop (chapter 5/7), plus the per-epoch reseed `train` documents."""
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        torch.manual_seed(seed + epoch)  # train(): each epoch's order from (seed, epoch)
+        train_loader.generator.manual_seed(seed + epoch)
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(
+                    model, train_loader, val_loader, device, eval_iter
+                )
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+    return train_losses, val_losses, track_tokens_seen
+
+
+def test_history_equals_the_chapters_loop(tiny_config):
+    torch.manual_seed(3)
+    reference_model = GPTModel(tiny_config)
+    model = GPTModel(tiny_config)
+    model.load_state_dict(reference_model.state_dict())
+    cfg = TrainConfig(num_epochs=2, lr=2e-3, eval_freq=2, eval_iter=2, seed=11)
+
+    optimizer = torch.optim.AdamW(
+        reference_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    expected = train_model_simple(reference_model, _loader(0), _loader(5), optimizer, "cpu",
+                                  cfg.num_epochs, cfg.eval_freq, cfg.eval_iter, cfg.seed)  # fmt: skip
+    history = train(model, _loader(0), _loader(5), config=cfg,
+                    options=RunOptions(progress=False, log_evals=False))  # fmt: skip
+
+    assert history["train_loss"].tolist() == expected[0]
+    assert history["val_loss"].tolist() == expected[1]
+    assert history["tokens_seen"].tolist() == expected[2]
+    for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -1,0 +1,229 @@
+"""Training that goes wrong: signals, stale temp files, full disks, NaNs, resume mismatches."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+import helpers.checkpoints as checkpoints
+from helpers.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    TrainState,
+    data_fingerprint,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
+from helpers.model import GPTModel
+from helpers.train import RunOptions, TrainConfig, TrainingInterrupted, train
+
+
+def _loader(shift: int = 1, *, n: int = 16, seed: int = 0, shuffle: bool = True) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, 50, (n, 8), generator=g)
+    return DataLoader(
+        TensorDataset(inputs, (inputs + shift) % 50),
+        batch_size=4,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _model(cfg, seed: int = 1) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(cfg)
+
+
+@pytest.fixture()
+def small_config(tiny_config):
+    """Even smaller than tiny_config: these tests are about control flow, not learning."""
+    from dataclasses import replace
+
+    return replace(tiny_config, context_length=16, emb_dim=16, n_heads=2, n_layers=1)
+
+
+def _opts(tmp_path, **kw) -> RunOptions:
+    return RunOptions(progress=False, log_evals=False, checkpoint_dir=str(tmp_path / "ckpt"), **kw)
+
+
+CFG = TrainConfig(num_epochs=1, lr=1e-3, eval_freq=2, eval_iter=1)
+
+
+class _SignalAtBatch(Sampler):
+    """Batches of 4 in order; sends `signum` to this process when batch `at` is drawn."""
+
+    def __init__(self, n: int, signum: int, at: int) -> None:
+        self.n, self.signum, self.at = n, signum, at
+
+    def __len__(self) -> int:
+        return self.n // 4
+
+    def __iter__(self):
+        for b in range(len(self)):
+            if b == self.at:
+                os.kill(os.getpid(), self.signum)  # a Ctrl-C or `kill` in the middle of a run
+            yield list(range(4 * b, 4 * b + 4))
+
+
+def _signalling_loader(signum: int, at: int) -> DataLoader:
+    dataset = _loader().dataset
+    return DataLoader(dataset, batch_sampler=_SignalAtBatch(len(dataset), signum, at))
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signals_save_a_checkpoint_and_restore_handlers(small_config, tmp_path, signame):
+    signum = getattr(signal, signame)
+    before = signal.getsignal(signum)
+    loader = _signalling_loader(signum, at=2)  # while drawing step 3's batch
+    with pytest.raises(TrainingInterrupted) as err:
+        train(_model(small_config), loader, _loader(), config=CFG, options=_opts(tmp_path))
+    assert err.value.signal_name == signame and err.value.step == 2
+    assert err.value.checkpoint == tmp_path / "ckpt" / "checkpoint.pt"
+    assert load_checkpoint(err.value.checkpoint).state.step == 2
+    assert signal.getsignal(signum) is before
+
+
+def test_interrupt_before_the_first_step_saves_nothing(small_config, tmp_path):
+    loader = _signalling_loader(signal.SIGTERM, at=0)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(_model(small_config), loader, _loader(), config=CFG, options=_opts(tmp_path))
+    assert err.value.checkpoint is None and err.value.step == 0
+    assert not (tmp_path / "ckpt" / "checkpoint.pt").exists()
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(small_config, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    stale = folder / ".checkpoint.pt.x1y2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    other = folder / "notes.txt"
+    other.write_text("kept")
+    assert remove_stale_temp_files(folder) == [stale] and other.exists()
+    stale.write_bytes(b"again")
+    train(_model(small_config), _loader(), _loader(), config=CFG, options=_opts(tmp_path))
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "notes.txt"]
+
+
+def test_a_full_disk_is_named_and_training_finishes(small_config, tmp_path, monkeypatch, capsys):
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    history = train(_model(small_config), _loader(), _loader(), config=CFG, options=_opts(tmp_path))
+    error = history.attrs["checkpoint_error"]
+    assert str(tmp_path / "ckpt" / "checkpoint.pt") in error and "disk full" in error
+    assert (
+        "enforce fail" not in error
+        and "warning: cannot write checkpoint" in capsys.readouterr().err
+    )
+    assert list((tmp_path / "ckpt").iterdir()) == []  # no temp file left behind
+    assert len(history) == 2  # training was not lost to the failed save
+
+
+def test_nan_weights_are_never_checkpointed(small_config, tmp_path):
+    model = _model(small_config)
+    state = Checkpoint(model.state_dict(), {}, {}, TrainState(step=1), CFG, 4, "")
+    with torch.no_grad():
+        model.wte.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite weights in wte.weight"):
+        save_checkpoint(tmp_path / "c.pt", state)
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_a_nan_step_stops_before_its_checkpoint(small_config, tmp_path):
+    class NaNAfter(torch.nn.Module):
+        def __init__(self, inner, calls):
+            super().__init__()
+            self.inner, self.calls = inner, calls
+
+        def forward(self, x):
+            if self.training:
+                self.calls -= 1
+            logits = self.inner(x)
+            return logits * float("nan") if self.calls < 0 else logits
+
+    model = NaNAfter(_model(small_config), calls=2)  # the 3rd training batch turns NaN
+    cfg = TrainConfig(num_epochs=1, eval_freq=100)
+    with pytest.raises(
+        FloatingPointError, match=r"training loss is nan at step 2 \(epoch 1, batch 3\)"
+    ):
+        train(model, _loader(), _loader(), config=cfg, options=_opts(tmp_path, checkpoint_every=1))
+    saved = load_checkpoint(tmp_path / "ckpt")
+    assert saved.state.step == 2
+    assert all(torch.isfinite(t).all() for t in saved.model.values())
+
+
+def test_non_finite_validation_loss_is_an_error(small_config):
+    class NaNInEval(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            logits = self.inner(x)
+            return logits if self.training else logits * float("inf")
+
+    with pytest.raises(
+        FloatingPointError, match="validation loss is nan at the evaluation of step 0"
+    ):
+        train(NaNInEval(_model(small_config)), _loader(), _loader(), config=CFG,
+              options=RunOptions(progress=False, log_evals=False))  # fmt: skip
+
+
+def test_resume_refuses_changed_hyper_parameters_and_data(small_config, tmp_path):
+    opts = _opts(tmp_path)
+    train(_model(small_config), _loader(), _loader(), config=CFG, options=opts)
+    changed = TrainConfig(num_epochs=1, lr=0.05, eval_freq=2, eval_iter=1, weight_decay=0.0)
+    with pytest.raises(
+        CheckpointError, match=r"changed: lr 0.05 \(checkpoint: 0.001\); weight_decay"
+    ):
+        train(_model(small_config), _loader(), _loader(), config=changed, options=opts,
+              resume_from=opts.checkpoint_dir)  # fmt: skip
+    other_data = _loader(seed=3)  # same size, other examples
+    with pytest.raises(CheckpointError, match="data differ"):
+        train(_model(small_config), other_data, _loader(), config=CFG, options=opts,
+              resume_from=opts.checkpoint_dir)  # fmt: skip
+    # More epochs is the one change allowed: it continues the run.
+    more = TrainConfig(num_epochs=2, lr=1e-3, eval_freq=2, eval_iter=1)
+    history = train(_model(small_config), _loader(), _loader(), config=more, options=opts,
+                    resume_from=opts.checkpoint_dir)  # fmt: skip
+    assert history["step"].tolist() == [0, 2, 4, 6]
+
+
+def test_resume_into_a_different_model_size_is_one_clear_line(small_config, tmp_path):
+    from dataclasses import replace
+
+    opts = _opts(tmp_path)
+    train(
+        GPTModel(replace(small_config, n_layers=3)), _loader(), _loader(), config=CFG, options=opts
+    )
+    with pytest.raises(
+        CheckpointError, match="weights do not fit the model.*different model size"
+    ) as err:
+        train(_model(small_config), _loader(), _loader(), config=CFG, options=opts,
+              resume_from=opts.checkpoint_dir)  # fmt: skip
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_and_old_checkpoints_are_one_clear_line(tmp_path):
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "state": {"step": "x"}},
+               tmp_path / "bad.pt")  # fmt: skip
+    with pytest.raises(CheckpointError, match="malformed metadata"):
+        load_checkpoint(tmp_path / "bad.pt")
+    torch.save({"format": "course-train-checkpoint/1", "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="older version"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_data_fingerprint_sees_content_not_just_size():
+    a, b = _loader(seed=0).dataset, _loader(seed=1).dataset
+    assert data_fingerprint([a]) == data_fingerprint([_loader(seed=0).dataset])
+    assert data_fingerprint([a]) != data_fingerprint([b])
+    assert data_fingerprint([[[1, 2], [3]]]) != data_fingerprint([[[1], [2, 3]]])
