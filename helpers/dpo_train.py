@@ -328,11 +328,10 @@ def plot_dpo_history(history: Any, *, title: str | None = None) -> Figure:
     """Two panels against the step: DPO loss, and reward margin (chosen minus rejected)."""
     df = pd.DataFrame(history)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, metric, label in ((ax1, "loss", "DPO loss"), (ax2, "reward_margin", "Reward margin")):
-        ax.plot(df["step"], df[f"train_{metric}"], label=f"Training {label.lower()}")
-        ax.plot(
-            df["step"], df[f"val_{metric}"], linestyle="-.", label=f"Validation {label.lower()}"
-        )
+    panels = ((ax1, "loss", "DPO loss", "loss"), (ax2, "reward_margin", "Reward margin", "margin"))
+    for ax, metric, label, short in panels:
+        ax.plot(df["step"], df[f"train_{metric}"], label=f"Training {short}")
+        ax.plot(df["step"], df[f"val_{metric}"], linestyle="-.", label=f"Validation {short}")
         ax.set_xlabel("Step")
         ax.set_ylabel(label)
         ax.legend(loc="best", fontsize=8)
