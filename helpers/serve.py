@@ -1,15 +1,18 @@
-"""Chat with the course model from any OpenAI client: a small local /v1/chat/completions server.
+"""Chat with the course model from any OpenAI or Ollama client: a small local chat server.
 
     python -m helpers.serve --model tiny
     python -m helpers.serve --checkpoint runs/gpt2-medium-sft.safetensors --port 8000
 
-The last user message becomes the instruction, is wrapped in the prompt style the model
-was fine-tuned with, and the answer is cut out of the generated text by the same code the
-notebooks use (`helpers.prompts`, `helpers.generate`). `stream: true` sends the answer as
-server-sent events, as the OpenAI API does. The request's `model` name is not checked: the
-one loaded model answers (GET /v1/models tells its name). Out-of-range parameters, `n` other
-than 1, and a prompt plus `max_tokens` beyond the model's context get a 400 that names the
-parameter; the prompt is never cut behind the client's back.
+Two protocols, one model: OpenAI's POST /v1/chat/completions and Ollama's POST /api/chat
+(what the chapter's `query_model` calls; `helpers.serve_ollama`). The last user message
+becomes the instruction, is wrapped in the prompt style the model was fine-tuned with, and
+the answer is cut out of the generated text by the same code the notebooks use
+(`helpers.prompts`, `helpers.generate`). `stream: true` sends the answer as server-sent
+events, as the OpenAI API does; /api/chat streams newline-delimited JSON unless
+`"stream": false`, as Ollama does. The request's `model` name is not checked: the one loaded
+model answers (GET /v1/models and /api/tags tell its name). Out-of-range parameters, `n`
+other than 1, and a prompt plus `max_tokens` beyond the model's context get a 400 that names
+the parameter; the prompt is never cut behind the client's back.
 
 The HTTP side is Starlette on uvicorn: keep-alive, timeouts, a body limit (413), a bound on
 concurrent connections (503 beyond it), a Host allow-list against DNS rebinding (loopback
@@ -19,7 +22,7 @@ names by default), JSON bodies only (415 otherwise) and no CORS unless asked for
 This module holds the server's lifecycle (`ChatServer`, `make_server`, `serve_in_thread`) and
 the command line. The rest: `serve_engine` (the model side), `serve_app` (routes),
 `serve_http` (limits and access checks), `serve_api` (request checks, reply objects) and
-`serve_stream` (server-sent events).
+`serve_stream` (server-sent events), `serve_ollama` (the Ollama protocol).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ DEFAULT_PORT = 8000
 
 
 class ChatServer(ChatEngine):
-    """An OpenAI-compatible chat server for one model; one generation at a time (a lock).
+    """An OpenAI- and Ollama-compatible chat server for one model; one generation at a time (a lock).
 
     The listening socket is bound on creation (port 0 picks a free port: see `.port`);
     `serve_forever()` serves until `shutdown()` is called from another thread (or Ctrl-C).
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             "Clients must use an allowed Host name (--allow-host)."
         )
     print(
-        f"serving {name} ({server.style} prompts) at {server.url}/v1/chat/completions (Ctrl-C stops)"
+        f"serving {name} ({server.style} prompts) at {server.url}/v1/chat/completions "
+        f"(OpenAI) and {server.url}/api/chat (Ollama); Ctrl-C stops"
     )
     try:
         server.serve_forever()

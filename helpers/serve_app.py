@@ -1,9 +1,11 @@
-"""The ASGI app of `helpers.serve`: the OpenAI routes, JSON bodies and error replies.
+"""The ASGI app of `helpers.serve`: the OpenAI and Ollama routes, JSON bodies, error replies.
 
 `build_app` puts a `ChatEngine` behind Starlette routes: POST /v1/chat/completions (a whole
-reply, or server-sent events with `stream: true`), GET /v1/models, /v1/models/{model} and a
-health check. `_read_json` takes JSON bodies only (415), within the size limit (413) and time
-(408). Every error is an OpenAI-style JSON reply; the guards are `helpers.serve_http`.
+reply, or server-sent events with `stream: true`), GET /v1/models, /v1/models/{model}, the
+Ollama pair POST /api/chat (newline-delimited JSON, or one object with `stream: false`) and
+GET /api/tags, and a health check. `_read_json` takes JSON bodies only (415), within the
+size limit (413) and time (408). Errors are OpenAI-style JSON replies, Ollama's
+`{"error": "..."}` on the /api routes; the guards are `helpers.serve_http`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.routing import Route
 from helpers.serve_api import RequestError
 from helpers.serve_engine import ChatEngine
 from helpers.serve_http import AccessCheck, BodyGuard, ServeOptions, error_response
+from helpers.serve_ollama import error_payload
 
 log = logging.getLogger("helpers.serve")  # one logger for the whole server
 
@@ -33,7 +36,8 @@ async def _read_json(request: Request, limit: int, timeout: float) -> Any:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise RequestError(
-            f"Content-Type must be application/json, got {ctype or 'none'!r}",
+            f"Content-Type must be application/json, got {ctype or 'none'!r} (with curl: "
+            "-H 'Content-Type: application/json')",
             code="unsupported_media_type",
             status=415,
         )
@@ -93,6 +97,49 @@ async def _chat(request: Request) -> Response:
     except Exception as exc:  # report, keep serving; the client sees a 500 with the reason
         log.exception("generation failed")
         return error_response(RequestError(repr(exc), kind="server_error", status=500))
+
+
+def _ollama_error(err: RequestError) -> Response:
+    """Ollama's error reply, {"error": "..."}, with the status of `err`."""
+    headers = {"connection": "close"} if err.status == 408 else None
+    return JSONResponse(error_payload(err), status_code=err.status, headers=headers)
+
+
+async def _ollama_chat(request: Request) -> Response:
+    """POST /api/chat (Ollama): newline-delimited JSON, or one object with stream: false.
+
+    The header X-Num-Ctx tells the context window used: options.num_ctx, capped at the
+    model's context.
+    """
+    engine, options = _engine(request), _options(request)
+    try:
+        body = await _read_json(request, options.max_body_bytes, options.request_timeout)
+        job, window = engine.prepare_ollama(body)
+    except RequestError as err:
+        return _ollama_error(err)
+    headers = {"x-num-ctx": str(window)}
+    if job.request.stream:
+        return StreamingResponse(
+            engine.stream_ollama(job), media_type="application/x-ndjson", headers=headers
+        )
+    try:
+        return JSONResponse(await engine.chat_ollama(job), headers=headers)
+    except Exception as exc:  # report, keep serving; the client sees a 500 with the reason
+        log.exception("generation failed")
+        return _ollama_error(RequestError(repr(exc), status=500))
+
+
+async def _ollama_tags(request: Request) -> Response:
+    """GET /api/tags (Ollama's model list): the one served model."""
+    engine = _engine(request)
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    size = f"{n_params / 1e6:.1f}M"
+    model = {
+        "name": engine.model_name,
+        "model": engine.model_name,
+        "details": {"format": "safetensors", "family": "gpt2", "parameter_size": size},
+    }
+    return JSONResponse({"models": [model]})
 
 
 def _model_object(engine: ChatEngine) -> dict[str, Any]:
@@ -155,6 +202,8 @@ def build_app(
         Route("/v1/models", _models, methods=["GET"]),
         Route("/models", _models, methods=["GET"]),
         Route("/v1/models/{model:path}", _one_model, methods=["GET"]),
+        Route("/api/chat", _ollama_chat, methods=["POST"]),
+        Route("/api/tags", _ollama_tags, methods=["GET"]),
         Route("/", _health, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
     ]

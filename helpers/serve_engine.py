@@ -3,7 +3,8 @@
 `ChatEngine` checks a request body and tokenizes its prompt (`prepare`), then runs the
 generation on its own worker thread, so the HTTP event loop never waits on the model; a lock
 keeps it to one generation at a time. `generate_tokens` yields the new tokens one by one, as
-streaming needs. No HTTP here: `helpers.serve.ChatServer` puts an engine behind a server.
+streaming needs. Requests come as OpenAI bodies (`prepare`) or Ollama ones (`prepare_ollama`).
+No HTTP here: `helpers.serve.ChatServer` puts an engine behind a server.
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ from helpers.generate import _next_token
 from helpers.model import eval_mode
 from helpers.prompts import extract_response, format_prompt, get_style
 from helpers.serve_api import (
+    ChatRequest,
     PreparedRequest,
     completion_object,
     fit_max_tokens,
     new_completion_id,
     parse_chat_request,
+)
+from helpers.serve_ollama import (
+    Timing,
+    chat_object,
+    fit_window,
+    ndjson_lines,
+    parse_ollama_request,
 )
 from helpers.serve_stream import sse_events
 from helpers.tokenizer import EOS_ID, decode, encode
@@ -82,13 +91,24 @@ class ChatEngine:
         """Let the generation thread go; queued generations are cancelled."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        """The request's instruction (and input) in the served prompt style, as token ids."""
+        entry = {"instruction": request.instruction, "input": request.input, "output": ""}
+        return encode(format_prompt(entry, self.style))
+
     def prepare(self, body: Any) -> PreparedRequest:
         """Check a request body and tokenize its prompt (RequestError for a bad request)."""
         request = parse_chat_request(body, vocab_size=self.model.cfg.vocab_size)
-        entry = {"instruction": request.instruction, "input": request.input, "output": ""}
-        prompt_ids = encode(format_prompt(entry, self.style))
+        prompt_ids = self.prompt_ids(request)
         limit = fit_max_tokens(request.max_tokens, len(prompt_ids), self.model.cfg.context_length)
         return PreparedRequest(request, prompt_ids, limit)
+
+    def prepare_ollama(self, body: Any) -> tuple[PreparedRequest, int]:
+        """(job, context window) for an Ollama /api/chat body (see `helpers.serve_ollama`)."""
+        request = parse_ollama_request(body, vocab_size=self.model.cfg.vocab_size)
+        prompt_ids = self.prompt_ids(request.chat)
+        limit, window = fit_window(request, len(prompt_ids), self.model.cfg.context_length)
+        return PreparedRequest(request.chat, prompt_ids, limit), window
 
     def _run(self, job: PreparedRequest, stop: threading.Event) -> Iterator[int]:
         r = job.request
@@ -156,3 +176,16 @@ class ChatEngine:
     def stream(self, job: PreparedRequest) -> AsyncIterator[str]:
         """Server-sent events of a streamed reply: chunks, then `data: [DONE]`."""
         return sse_events(job, self.tokens(job), self.model_name, self.style)
+
+    def stream_ollama(self, job: PreparedRequest) -> AsyncIterator[str]:
+        """Newline-delimited JSON of a streamed Ollama reply (`helpers.serve_ollama`)."""
+        return ndjson_lines(job, self.tokens(job), self.model_name, self.style)
+
+    async def chat_ollama(self, job: PreparedRequest) -> dict[str, Any]:
+        """The whole Ollama reply object (`"stream": false`), generated off the event loop."""
+        timing, tokens = Timing(), []
+        async for token in self.tokens(job):
+            timing.tick()
+            tokens.append(token)
+        text = extract_response(decode(tokens), self.style)
+        return chat_object(self.model_name, text, job, len(tokens), timing)
