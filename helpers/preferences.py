@@ -273,3 +273,54 @@ def generate_preferences(
             stacklevel=2,
         )
     return pairs
+
+
+# --- command line: python -m helpers.preferences --------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Make pairs from an instruction dataset; 0 on success, 2 with one `error:` line."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m helpers.preferences",
+        description="Preference pairs from an instruction dataset: each answer rewritten a "
+        "little more polite or impolite by an LLM (Ollama or OpenAI-compatible), or by fixed "
+        "rules with --offline (synthetic pairs, for tests). Reruns resume from --cache.",
+    )
+    p.add_argument("--output", required=True, help="pairs JSON to write")
+    p.add_argument("--data", default=None, help="instruction data (default: $COURSE_DATASET)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N entries")
+    p.add_argument("--offline", action="store_true", help="rule-based rewrites, no server")
+    p.add_argument("--api", choices=["ollama", "openai"], default="ollama", help="server API")
+    p.add_argument("--url", default=None, help="server URL (default: Ollama's localhost:11434)")
+    p.add_argument("--llm", default="llama3", help="model name on the server (default: llama3)")
+    p.add_argument("--cache", default=None, help="JSONL cache (default: <output>.rewrites.jsonl)")
+    p.add_argument("--seed", type=int, default=123, help="polite/impolite choice seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    from helpers.judge import OLLAMA_URL, JudgeClient, JudgeServerError
+
+    output = Path(args.output)
+    cache = Path(args.cache) if args.cache else output.with_name(output.name + ".rewrites.jsonl")
+    try:
+        entries = load_instruction_data(args.data)[: args.limit]
+        client = None
+        if not args.offline:
+            client = JudgeClient(args.url or OLLAMA_URL, args.llm, args.api, max_tokens=512)
+            client.check()
+        pairs = generate_preferences(
+            entries, client, cache_path=cache, seed=args.seed, progress=not args.quiet
+        )
+        save_preferences(pairs, output)
+    except (DatasetError, DownloadError, JudgeServerError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    generator = pairs[0]["generator"] if pairs else "none"
+    print(f"{len(pairs)} pairs ({generator}) written to {output}; rewrites cached in {cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -132,6 +132,14 @@ class _FakeLLM(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output quiet
         pass
 
+    def do_GET(self):  # noqa: N802 (http.server's naming): the clients' "is it up?" check
+        data = json.dumps({"models": [], "data": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
@@ -230,3 +238,32 @@ def test_politeness_choice_depends_on_the_entry_not_its_position():
     e = _entry(5)
     assert choose_politeness(e) == choose_politeness(dict(e))
     assert choose_politeness(e) in ("polite", "impolite")
+
+
+def test_command_line_offline_and_against_a_server(fake_llm, chapter_data_path, tmp_path, capsys):
+    from helpers.preferences import main
+
+    out = tmp_path / "pairs.json"
+    args = ["--data", str(chapter_data_path), "--limit", "4", "--output", str(out), "--quiet"]
+    assert main([*args, "--offline"]) == 0
+    assert "4 pairs (rule-based (synthetic))" in capsys.readouterr().out
+    assert all(p["generator"] == RULE_BASED for p in load_preferences(out))
+
+    server = [
+        "--api",
+        "openai",
+        "--url",
+        fake_llm,
+        "--llm",
+        "m",
+        "--cache",
+        str(tmp_path / "c.jsonl"),
+    ]
+    assert main([*args, *server]) == 0
+    assert "4 pairs (llm:m)" in capsys.readouterr().out
+    assert len(_FakeLLM.calls) == 4 and len(read_rewrite_cache(tmp_path / "c.jsonl")) == 4
+
+    # No server there: one line, exit code 2.
+    assert main([*args, "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
