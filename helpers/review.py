@@ -102,7 +102,12 @@ def print_review_table(entries: Sequence[Mapping[str, Any]], **kw: Any) -> None:
 
 
 class ReviewTool:
-    """ipywidgets tool: show one answer, rate it with a note, save, move on. `.widget` displays it."""
+    """ipywidgets tool: show one answer, rate it with a note, save, move on.
+
+    Display the tool itself (or `.widget`). Beside the live widget it carries a static view of
+    the same entry, rating and progress (`text/html`, `text/plain`), which is what nbconvert,
+    GitHub and nbviewer show where no widget front end runs.
+    """
 
     def __init__(
         self,
@@ -142,6 +147,17 @@ class ReviewTool:
         if self.index == len(self.entries):
             self.view.value = "<b>All answers reviewed.</b>"
             return
+        cells = "".join(
+            f"<tr><th style='text-align:left;vertical-align:top'>{k}</th>"
+            f"<td style='white-space:pre-wrap'>{html.escape(v)}</td></tr>"
+            for k, v in self._entry_rows()
+        )
+        self.view.value = f"<b>Entry {self.index}</b><table>{cells}</table>"
+        old = self.store.ratings.get(self.index)
+        self.rating.value = old["rating"] if old else None
+        self.note.value = old["note"] if old else ""
+
+    def _entry_rows(self) -> list[tuple[str, str]]:
         e = self.entries[self.index]
         rows = [
             ("Instruction", e["instruction"]),
@@ -149,16 +165,45 @@ class ReviewTool:
             ("Expected", e["output"]),
             ("Model response", e[self.response_key]),
         ]
-        cells = "".join(
-            f"<tr><th style='text-align:left;vertical-align:top'>{k}</th>"
-            f"<td style='white-space:pre-wrap'>{html.escape(v)}</td></tr>"
-            for k, v in rows
-            if v
-        )
-        self.view.value = f"<b>Entry {self.index}</b><table>{cells}</table>"
+        return [(label, value) for label, value in rows if value]
+
+    def _rating_line(self) -> str:
+        choices = " / ".join(self.rating.options)
         old = self.store.ratings.get(self.index)
-        self.rating.value = old["rating"] if old else None
-        self.note.value = old["note"] if old else ""
+        if old is None:
+            return f"Rating ({choices}): not rated yet"
+        note = f" ({old['note']})" if old.get("note") else ""
+        return f"Rating ({choices}): {old['rating']}{note}"
+
+    def text(self) -> str:
+        """The tool's current state as plain text: progress, the entry, its rating."""
+        lines = [self.status.value]
+        if self.index == len(self.entries):
+            return "\n".join([*lines, "All answers reviewed."])
+        lines.append(f"Entry {self.index}")
+        for label, value in self._entry_rows():
+            wrapped = textwrap.fill(value, 88, subsequent_indent=" " * 17)
+            lines.append(f"  {label:>14}: {wrapped}")
+        lines.append(self._rating_line())
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        """The tool's current state as static HTML (no controls): what the widget shows."""
+        rating = (
+            "" if self.index == len(self.entries) else f"<p>{html.escape(self._rating_line())}</p>"
+        )
+        return (
+            f"<div><p>{html.escape(self.status.value)}</p>{self.view.value}{rating}"
+            "<p><i>Static view: the rating buttons work in Jupyter with ipywidgets.</i></p></div>"
+        )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle: dict[str, Any] = dict(self.widget._repr_mimebundle_(**kwargs) or {})
+        # Without a widget front end (nbconvert, GitHub) these show instead of the
+        # widget's raw repr, VBox(children=(Label(...
+        bundle["text/plain"] = self.text()
+        bundle["text/html"] = self.html()
+        return bundle
 
     def save_and_next(self) -> None:
         """Save the selected rating and note for the current entry, then show the next unrated."""

@@ -68,6 +68,29 @@ def test_widget_saves_each_rating_and_resumes(entries, tmp_path):
     assert again.rating.value == "partly" and again.note.value == "lightning, not a bullet"
 
 
+def test_widget_has_a_static_fallback_beside_the_widget_view(entries, tmp_path):
+    tool = ReviewTool(entries[:2], tmp_path / "bob.jsonl", reviewer="bob")
+    bundle = tool._repr_mimebundle_()
+    # The live widget for Jupyter, and a static view of the same entry for everything else
+    # (nbconvert, GitHub), instead of the raw VBox(children=(Label(... repr.
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    text, page = bundle["text/plain"], bundle["text/html"]
+    assert "VBox" not in text and "VBox" not in page
+    assert text.startswith("0/2 rated · reviewer bob\nEntry 0\n")
+    assert "Model response: The car is as fast as a bullet." in text
+    assert text.endswith("Rating (correct / partly / wrong): not rated yet")
+    assert "The car is as fast as a bullet." in page and "<table>" in page
+    assert all(len(line) <= 100 for line in text.splitlines())
+    tool.rating.value, tool.note.value = "partly", "a bullet, <not> lightning"
+    tool.buttons["save"].click()
+    tool.buttons["prev"].click()
+    bundle = tool._repr_mimebundle_()
+    assert bundle["text/plain"].endswith("partly (a bullet, <not> lightning)")
+    assert "a bullet, &lt;not&gt; lightning" in bundle["text/html"]  # escaped
+    tool.go(2)
+    assert tool._repr_mimebundle_()["text/plain"].endswith("All answers reviewed.")
+
+
 def test_json_store_and_scale_validation(tmp_path):
     store = RatingStore(tmp_path / "bob.json", reviewer="bob", scale="1-5")
     store.rate(0, 5)
