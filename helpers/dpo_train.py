@@ -170,6 +170,8 @@ class _Run:
         self.pos = {k: int(ckpt["pos"][k]) for k in self.pos}
         self.history = [dict(row) for row in ckpt["history"]]
         self.pending_rng = ckpt["rng"]
+        # Saved again as it is if there is nothing left to train (e.g. a finished run).
+        self.snap = {"pos": dict(self.pos), "rng": ckpt["rng"], "n": len(self.history)}
 
     def snapshot(self) -> dict[str, Any]:
         return {"pos": dict(self.pos), "rng": _capture_rng(self.gens), "n": len(self.history)}

@@ -209,6 +209,14 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
         for key, value in policy.state_dict().items():
             assert torch.equal(value, full_state[key]), key
 
+    # Resuming a finished run trains nothing and keeps its checkpoint intact.
+    policy, reference = _models()
+    again = train_dpo(policy, reference, train_loader, val_loader,
+                      config=_config(num_epochs=2, checkpoint_dir=str(ckpt)), resume_from=ckpt)  # fmt: skip
+    pd.testing.assert_frame_equal(again, full, check_exact=True)
+    assert again.attrs["steps"] == 12 and load_dpo_checkpoint(ckpt)["pos"]["step"] == 12
+    assert all(torch.equal(v, full_state[k]) for k, v in policy.state_dict().items())
+
 
 def test_resume_refuses_a_different_run(tmp_path):
     train_loader, val_loader = _loaders()
