@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,6 @@ from helpers.runtime import (
     model_slug,
 )
 
-# The book's settings for GPT-2; tiny (random init, two CPU cores) uses a subset, shorter
-# sequences and a learning rate large enough to move a small model in a few steps.
-BOOK_DEFAULTS: dict[str, Any] = {
-    "limit": None,
-    "lr": 5e-6,
-    "max_length": 1024,
-    "max_new_tokens": 256,
-}
-TINY_DEFAULTS: dict[str, Any] = {"limit": 120, "lr": 1e-3, "max_length": 256, "max_new_tokens": 32}
 RESPONSES_NAME = "validation-responses.json"
 
 
@@ -63,7 +55,7 @@ def _number(kind: type, minimum: float = 0.0, inclusive: bool = False) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line options (defaults are the book's; tiny mode's are noted)."""
+    """The command-line options; left out, they take `dpo_run_defaults(model)` (book or tiny)."""
     pos_int, pos_float = _number(int), _number(float)
     p = argparse.ArgumentParser(
         prog="python -m helpers.dpo",
@@ -92,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=pos_int,
         default=None,
-        help="use the first N pairs (default: all; tiny: 120)",
+        help="use the first N pairs (default: all; tiny: 60)",
     )
     add("--style", default="alpaca", choices=["alpaca", "phi3"], help="prompt style")
     add("--epochs", type=pos_int, default=1, help="training epochs (default: 1)")
@@ -111,15 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="DPO beta: how far from the reference (default: 0.1)",
     )
-    add("--batch-size", type=pos_int, default=8, help="pairs per batch (default: 8)")
+    add("--batch-size", type=pos_int, default=None, help="pairs per batch (default: 8; tiny: 4)")
     add(
         "--max-length",
         type=pos_int,
         default=None,
-        help="cut sequences to N tokens (default: 1024; tiny: 256)",
+        help="cut sequences to N tokens (default: 1024; tiny: 128)",
     )
-    add("--eval-freq", type=pos_int, default=5, help="evaluate every N steps (default: 5)")
-    add("--eval-iter", type=pos_int, default=5, help="batches per evaluation (default: 5)")
+    add(
+        "--eval-freq",
+        type=pos_int,
+        default=None,
+        help="evaluate every N steps (default: 5; tiny: 4)",
+    )
+    add(
+        "--eval-iter",
+        type=pos_int,
+        default=None,
+        help="batches per evaluation (default: 5; tiny: 2)",
+    )
     add("--max-steps", type=pos_int, default=None, help="stop after N steps in all (resumable)")
     add("--checkpoint-every", type=pos_int, default=None, help="also checkpoint every N steps")
     add(
@@ -182,15 +184,21 @@ def _splits(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> dict:
     """Train with parsed `args`; returns the summary it also writes to summary.json."""
     from helpers.dpo import freeze_reference, make_preference_loaders
-    from helpers.dpo_train import DPOConfig, dpo_checkpoint_path, plot_dpo_history, train_dpo
+    from helpers.dpo_train import (
+        DPOConfig,
+        dpo_checkpoint_path,
+        dpo_run_defaults,
+        plot_dpo_history,
+        train_dpo,
+    )
     from helpers.generate import generate_responses
     from helpers.plots import save_loss_plot
     from helpers.weights import load_model, save_model
 
     start = time.perf_counter()
     name, sft = resolve_model(args)
-    for key, value in (TINY_DEFAULTS if name == "tiny" else BOOK_DEFAULTS).items():
-        if getattr(args, key) is None:
+    for key, value in asdict(dpo_run_defaults(name)).items():
+        if getattr(args, key) is None:  # options left out take the model's run defaults
             setattr(args, key, value)
     out = Path(args.output_dir) if args.output_dir else dpo_run_dir(name)
     ckpt_dir = out / "checkpoints"
