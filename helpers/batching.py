@@ -82,7 +82,7 @@ def _unpack(item: object, position: int) -> tuple[list[int], int | None]:
 
 
 def collate_fn(
-    batch: Sequence[Sequence[int] | TokenizedExample],
+    batch: Sequence[Sequence[int] | torch.Tensor | TokenizedExample],
     pad_token_id: int = EOS_ID,
     ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = None,

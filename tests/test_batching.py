@@ -195,7 +195,7 @@ def splits(chapter_data):
 def test_dataset_prompt_prefix_and_full_text(chapter_data, style):
     dataset = InstructionDataset(chapter_data, style=style)
     assert len(dataset) == len(chapter_data) == len(dataset.lengths)
-    for entry, example, length in zip(chapter_data, dataset, dataset.lengths, strict=True):
+    for entry, example, length in zip(chapter_data, dataset.examples, dataset.lengths, strict=True):
         assert example.ids[: example.prompt_length] == encode(format_prompt(entry, style))
         assert example.ids == encode(format_example(entry, style))
         assert length == len(example.ids) > example.prompt_length
@@ -251,7 +251,7 @@ def test_loss_with_ignore_index_equals_hand_computed():
 def test_make_loaders_chapter_defaults(splits):
     loaders = make_loaders(splits)
     assert isinstance(loaders, Loaders)
-    assert [len(loader.dataset) for loader in loaders] == [935, 55, 110]
+    assert [len(loader.dataset) for loader in loaders] == [935, 55, 110]  # type: ignore[arg-type]
     assert [len(loader) for loader in loaders] == [116, 7, 14]  # train drops the last 7
     assert [loader.batch_size for loader in loaders] == [8, 8, 8]
     inputs, targets = next(iter(loaders.validation))

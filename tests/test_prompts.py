@@ -77,7 +77,7 @@ def test_style_lookup():
     assert get_style(style) is style and isinstance(style, PromptStyle)
     for bad in ("chatml", None, 3):
         with pytest.raises(ValueError, match="valid styles: alpaca, phi3"):
-            format_prompt(NO_INPUT, bad)
+            format_prompt(NO_INPUT, bad)  # type: ignore[arg-type]  # wrong on purpose
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
