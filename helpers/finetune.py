@@ -24,8 +24,10 @@ from helpers.atomic import atomic_path, atomic_write_text
 from helpers.batching import Loaders, make_loaders
 from helpers.checkpoints import CheckpointError, checkpoint_bytes, checkpoint_path, weights_bytes
 from helpers.cli import FinetuneSettings, build_parser, settings_from_args
+from helpers.config import is_pretrained_preset
 from helpers.data import DatasetError, DataSplits, DownloadError, load_instruction_data, split_data
 from helpers.epoch_sample import sample_printer
+from helpers.generate import generate_test_responses
 from helpers.model import GPTModel
 from helpers.runtime import (
     OutputDirError,
@@ -35,7 +37,13 @@ from helpers.runtime import (
     get_device,
 )
 from helpers.train import RunOptions, TrainingInterrupted, calc_loss_loader, train
-from helpers.weights import CheckpointFileError, CheckpointMismatchError
+from helpers.weights import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    load_pretrained,
+    random_model,
+    save_model,
+)
 
 RESPONSES_NAME = "instruction-data-with-response.json"  # the chapter's file name
 HISTORY_NAME = "history.csv"
@@ -89,11 +97,9 @@ def load(settings: FinetuneSettings) -> Loaded:
 
 def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
     """The model (OpenAI weights, or a random init seeded by the run's seed) and its losses."""
-    from helpers.config import is_pretrained_preset
-    from helpers.weights import load_pretrained, random_model
-
     if settings.resume and not checkpoint_path(settings.checkpoint_dir).is_file():
         raise RunError(f"--resume: no checkpoint in {settings.checkpoint_dir}")
+    check_output_dir(settings.output_dir)  # writable? (before a possibly long weights download)
     if not settings.random_init and is_pretrained_preset(settings.model):
         model, weights = load_pretrained(settings.model), "OpenAI GPT-2 weights"
     else:
@@ -149,9 +155,7 @@ def write(
     settings: FinetuneSettings, loaded: Loaded, built: Built, history: pd.DataFrame, started: float
 ) -> dict:
     """Model first (the most precious file), then history, plot, responses and summary.json."""
-    from helpers.generate import generate_test_responses
-    from helpers.plots import plot_losses, save_loss_plot
-    from helpers.weights import save_model
+    from helpers.plots import plot_losses, save_loss_plot  # matplotlib: only when needed
 
     out = settings.output_dir
     model_file = out / finetuned_path(settings.model).name

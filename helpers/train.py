@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from helpers.train_extensions import (
     epoch_batches,
     eval_pending,
     finish_gradients,
+    step_due,
     update_early_stopping,
 )
 
@@ -105,18 +106,19 @@ def _history_frame(state: TrainState) -> pd.DataFrame:
     return df
 
 
+@dataclass
 class _Evaluator:
     """The chapter's periodic evaluation: a history row, the 'Ep ...' line, early stopping."""
 
-    def __init__(self, model: torch.nn.Module, loaders: tuple[DataLoader, DataLoader], **kw: Any):
-        self.model, self.loaders = model, loaders
-        self.device: torch.device = kw["device"]
-        self.config: TrainConfig = kw["config"]
-        self.options: RunOptions = kw["options"]
-        self.optimizer: torch.optim.Optimizer = kw["optimizer"]
-        self.callback: Callable[[pd.DataFrame], Any] | None = kw["callback"]
-        self.watch: LossWatch = kw["watch"]
-        self.bar: Any = None  # the progress bar, once it exists
+    model: torch.nn.Module
+    loaders: tuple[DataLoader, DataLoader]
+    device: torch.device
+    config: TrainConfig
+    options: RunOptions
+    optimizer: torch.optim.Optimizer
+    callback: Callable[[pd.DataFrame], Any] | None
+    watch: LossWatch
+    bar: Any = None  # the progress bar, once it exists
 
     def __call__(self, state: TrainState) -> None:
         self.watch.check()  # the training losses since the last evaluation
@@ -214,9 +216,7 @@ def train(
                     (loss / config.grad_accum_steps).backward()
                     state.batches += 1
                     state.tokens_seen += input_batch.numel()
-                    if state.batches % config.grad_accum_steps and state.batches < len(
-                        train_loader
-                    ):
+                    if not step_due(state, config, len(train_loader)):
                         continue  # accumulate more micro-batches before the optimizer step
                     finish_gradients(model, state, config)
                     snapshot = None  # the weights change now: nothing consistent to save

@@ -108,6 +108,11 @@ class LossWatch:
         self.where.clear()
 
 
+def step_due(state: TrainState, config: TrainConfig, epoch_batches: int) -> bool:
+    """Gradient accumulation: True once `grad_accum_steps` batches (or the epoch's last) are in."""
+    return state.batches % config.grad_accum_steps == 0 or state.batches == epoch_batches
+
+
 def finish_gradients(model: torch.nn.Module, state: TrainState, config: TrainConfig) -> None:
     """Gradients ready for the optimizer step: short accumulation group rescaled, then clipped."""
     # Gradient accumulation: the epoch's last group may be short; scale it to its own size.
