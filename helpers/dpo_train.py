@@ -244,8 +244,8 @@ class _Run:
             tqdm.write(
                 f"Ep {int(row['epoch'] - 1e-9) + 1} (Step {row['step']:06d}): "
                 f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}, "
-                f"Train reward margin {row['train_reward_margin']:.3f}, "
-                f"Val reward margin {row['val_reward_margin']:.3f}"
+                f"Train margin {row['train_reward_margin']:.3f}, "
+                f"Val margin {row['val_reward_margin']:.3f}"
             )
 
     def frame(self) -> pd.DataFrame:
