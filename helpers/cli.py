@@ -44,6 +44,7 @@ class FinetuneSettings:
     checkpoint: bool = True  # write training checkpoints into output_dir/checkpoints
     checkpoint_every: int | None = None  # steps
     checkpoint_minutes: float | None = DEFAULT_CHECKPOINT_MINUTES
+    # (with checkpoint=False both periodic settings are None)
     max_new_tokens: int = 256
     sample_max_new_tokens: int = 35
     test_limit: int | None = None
@@ -57,6 +58,9 @@ class FinetuneSettings:
             if value is not None and not value > 0:
                 raise ValueError(f"FinetuneSettings.{name} must be > 0, got {value!r}")
         get_style(self.style)  # ValueError listing the valid styles
+        periodic = self.checkpoint_every is not None or self.checkpoint_minutes is not None
+        if periodic and not self.checkpoint:
+            raise ValueError("FinetuneSettings: periodic checkpoints need checkpoint=True")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("checkpoints and output")
     run.add_argument("--checkpoint-every", type=_parse(int), default=None, metavar="STEPS",
                      help="also checkpoint every STEPS optimizer steps")  # fmt: skip
-    run.add_argument("--checkpoint-minutes", type=_parse(float), default=DEFAULT_CHECKPOINT_MINUTES,
+    run.add_argument("--checkpoint-minutes", type=_parse(float), default=None,
                      metavar="MIN", help="checkpoint every MIN minutes of training "
                      f"(default: {DEFAULT_CHECKPOINT_MINUTES:g}; one is always saved at the end)")  # fmt: skip
     run.add_argument("--no-checkpoint", action="store_true", help="write no training checkpoints")
@@ -179,6 +183,10 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         for f in fields(TrainConfig)
         if getattr(args, f.name) is not None
     }
+    periodic = args.checkpoint_every is not None or args.checkpoint_minutes is not None
+    if args.no_checkpoint and periodic:  # no flag may be silently ignored
+        raise ValueError("--no-checkpoint contradicts --checkpoint-every/--checkpoint-minutes")
+    minutes = pick(args.checkpoint_minutes, DEFAULT_CHECKPOINT_MINUTES)
     train = TrainConfig(**{"lr": preset.lr, "num_epochs": preset.num_epochs, **train_values})
     return FinetuneSettings(
         model=name,
@@ -195,7 +203,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         resume=args.resume,
         checkpoint=not args.no_checkpoint,
         checkpoint_every=args.checkpoint_every,
-        checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_minutes=None if args.no_checkpoint else minutes,
         max_new_tokens=pick(args.max_new_tokens, preset.max_new_tokens),
         sample_max_new_tokens=preset.sample_max_new_tokens,
         test_limit=args.test_limit,

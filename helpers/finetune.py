@@ -127,8 +127,8 @@ def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFram
     """Train with checkpoints in output_dir/checkpoints; the history's attrs say how long."""
     options = RunOptions(
         checkpoint_dir=settings.checkpoint_dir if settings.checkpoint else None,
-        checkpoint_every=settings.checkpoint_every if settings.checkpoint else None,
-        checkpoint_minutes=settings.checkpoint_minutes if settings.checkpoint else None,
+        checkpoint_every=settings.checkpoint_every,
+        checkpoint_minutes=settings.checkpoint_minutes,
         progress=settings.progress,
     )
     start = time.perf_counter()

@@ -217,3 +217,13 @@ def test_a_killed_run_leaves_a_usable_periodic_checkpoint(chapter_data_path, tmp
     finally:
         proc.kill()
     assert load_checkpoint(out / "checkpoints").state.step >= 1
+
+
+def test_contradicting_checkpoint_flags_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--model", "tiny", "--no-checkpoint", "--checkpoint-every", "5"])
+    assert exc.value.code == 2
+    assert "--no-checkpoint contradicts --checkpoint-every" in capsys.readouterr().err
+    args = build_parser().parse_args(["--model", "tiny", "--no-checkpoint"])
+    settings = settings_from_args(args)
+    assert settings.checkpoint_minutes is None and settings.checkpoint_every is None
