@@ -3,7 +3,9 @@
 `save_model`/`load_model` write and read course checkpoints; `load_hf_gpt2` reads a
 transformers GPT-2 (`convert_hf_state_dict`/`to_hf_state_dict` convert the layouts),
 `load_pretrained` downloads OpenAI's weights and `build_model` picks them or a seeded random
-init by preset name. The book's own `.pth` checkpoints are `helpers.book_checkpoints` (its
+init by preset name. An untied config (`GPTConfig.tie_embeddings=False`, the chapter's separate
+`out_head`; `build_model(..., chapter_compat=True)`) loads OpenAI's files, which store the head
+once as `wte`, tied and then unties it (`GPTModel.untie_output_head`). The book's own `.pth` checkpoints are `helpers.book_checkpoints` (its
 loaders are importable from here too); the shared checks and errors are
 `helpers.weight_checks`.
 """
@@ -83,16 +85,21 @@ def _reading(path: Path) -> Iterator[None]:
 
 
 def save_model(model: GPTModel, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
-    """Write the weights as safetensors with the config (and `metadata`) inside; atomic."""
+    """Write the weights as safetensors with the config (and `metadata`) inside; atomic.
+
+    The stored config records whether the head is tied as the model has it now, so a head
+    untied (or tied) by hand after construction reloads the same way.
+    """
     path = Path(path)
     # safetensors refuses two names for one tensor: drop the tied head, load_model re-ties it.
-    tied = model.lm_head.weight is model.wte.weight
+    tied = model.tied
     tensors = {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
         if not (tied and k == TIED_KEY)
     }
-    meta = {"format": "pt", "config": json.dumps(model.cfg.to_dict())}
+    cfg = dataclasses.replace(model.cfg, tie_embeddings=tied)
+    meta = {"format": "pt", "config": json.dumps(cfg.to_dict())}
     for key, value in (metadata or {}).items():
         if key in meta:
             raise ValueError(f"metadata key {key!r} is reserved")
@@ -180,7 +187,10 @@ def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
 
 
 def _config_from_hf(path: Path, state: Mapping[str, torch.Tensor]) -> GPTConfig:
-    """Config from transformers' config.json beside the weights, else from the tensor shapes."""
+    """Config from transformers' config.json beside the weights, else from the tensor shapes.
+
+    `tie_word_embeddings` (transformers' default: True) becomes `tie_embeddings`.
+    """
     config_json = path / "config.json" if path.is_dir() else path.with_name("config.json")
     vocab_size, emb_dim = state["wte.weight"].shape
     if config_json.is_file():
@@ -191,6 +201,7 @@ def _config_from_hf(path: Path, state: Mapping[str, torch.Tensor]) -> GPTConfig:
             emb_dim=hf["n_embd"],
             n_heads=hf["n_head"],
             n_layers=hf["n_layer"],
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
     if emb_dim not in GPT2_HEADS_BY_WIDTH:
         raise ValueError(
@@ -208,7 +219,12 @@ def _config_from_hf(path: Path, state: Mapping[str, torch.Tensor]) -> GPTConfig:
 
 
 def load_hf_gpt2(path: str | os.PathLike, *, config: GPTConfig | None = None) -> GPTModel:
-    """GPTModel from a transformers `save_pretrained` directory or a GPT-2 model.safetensors."""
+    """GPTModel from a transformers `save_pretrained` directory or a GPT-2 model.safetensors.
+
+    With an untied config (`tie_embeddings=False`) and a file that stores no separate
+    `lm_head.weight` (OpenAI's and transformers' GPT-2 files), the head starts as a copy of
+    `wte`, as in the chapter.
+    """
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
@@ -223,13 +239,21 @@ def load_hf_gpt2(path: str | os.PathLike, *, config: GPTConfig | None = None) ->
     cfg = config or _config_from_hf(path, state)
     # A config.json beside the weights could claim any size: check it before allocating.
     check_config_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, file)
-    model = GPTModel(cfg)
+    untie = not cfg.tie_embeddings and TIED_KEY not in state
+    model = GPTModel(dataclasses.replace(cfg, tie_embeddings=True) if untie else cfg)
     load_state_checked(model, state)  # checks every tensor's shape
+    if untie:
+        model.untie_output_head()
     return model.eval()
 
 
-def load_pretrained(name: str, *, cache_dir: str | os.PathLike | None = None) -> GPTModel:
-    """OpenAI's GPT-2 weights for preset `name`, downloaded once from the Hugging Face Hub."""
+def load_pretrained(
+    name: str, *, cache_dir: str | os.PathLike | None = None, tie_embeddings: bool = True
+) -> GPTModel:
+    """OpenAI's GPT-2 weights for preset `name`, downloaded once from the Hugging Face Hub.
+
+    `tie_embeddings=False` gives the chapter's untied head, starting as a copy of `wte`.
+    """
     canonical = resolve_model_name(name)
     if not is_pretrained_preset(canonical):
         raise ValueError(f"{canonical!r} has no pretrained weights; use build_model({name!r})")
@@ -249,21 +273,29 @@ def load_pretrained(name: str, *, cache_dir: str | os.PathLike | None = None) ->
             "(a transformers save_pretrained directory or its model.safetensors), or use the "
             "small offline model with COURSE_MODEL=tiny (command-line tools: --model tiny)."
         ) from err
-    return load_hf_gpt2(file, config=get_config(canonical))
+    cfg = dataclasses.replace(get_config(canonical), tie_embeddings=tie_embeddings)
+    return load_hf_gpt2(file, config=cfg)
 
 
-def random_model(name: str, *, seed: int = INIT_SEED) -> GPTModel:
+def random_model(name: str, *, seed: int = INIT_SEED, tie_embeddings: bool = True) -> GPTModel:
     """A randomly initialised model of preset `name`, the same on every run (seeded)."""
-    cfg = get_config(name)
+    cfg = dataclasses.replace(get_config(name), tie_embeddings=tie_embeddings)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state untouched
         torch.manual_seed(seed)
         model = GPTModel(cfg)
     return model.eval()
 
 
-def build_model(name: str, *, pretrained: bool = True) -> tuple[GPTModel, str]:
-    """(model, weights description): OpenAI weights for GPT-2 presets, seeded random init for tiny."""
+def build_model(
+    name: str, *, pretrained: bool = True, chapter_compat: bool = False
+) -> tuple[GPTModel, str]:
+    """(model, weights description): OpenAI weights for GPT-2 presets, seeded random init for tiny.
+
+    `chapter_compat=True` (chapter-faithful mode) gives the chapter's untied output head: a
+    separate parameter that starts as a copy of `wte` for OpenAI's weights.
+    """
     canonical = resolve_model_name(name)
+    tie = not chapter_compat
     if pretrained and is_pretrained_preset(canonical):
-        return load_pretrained(canonical), "OpenAI GPT-2 weights"
-    return random_model(canonical), "random init"
+        return load_pretrained(canonical, tie_embeddings=tie), "OpenAI GPT-2 weights"
+    return random_model(canonical, tie_embeddings=tie), "random init"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,71 @@ def test_load_pretrained_offline_explains_how_to_work_offline(monkeypatch, tmp_p
 def test_load_pretrained_rejects_tiny():
     with pytest.raises(ValueError, match="no pretrained weights"):
         load_pretrained("tiny")
+
+
+def test_untied_config_loads_openai_files_without_lm_head(hf_pair):
+    # OpenAI's and transformers' GPT-2 files store the head once, as wte: an untied config
+    # (the chapter's separate out_head) loads them tied, then unties the head.
+    _, model, path = hf_pair
+    untied = load_hf_gpt2(path, config=replace(model.cfg, tie_embeddings=False))
+    assert not untied.tied and untied.cfg.tie_embeddings is False
+    assert torch.equal(untied.lm_head.weight, untied.wte.weight)
+    ids = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(untied(ids), model(ids))
+
+
+def test_hf_config_tie_word_embeddings_false_loads_the_separate_head(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=300, tie_word_embeddings=False
+    )
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_hf_gpt2(tmp_path)
+    assert model.cfg.tie_embeddings is False and not model.tied
+    assert not torch.equal(model.lm_head.weight, model.wte.weight)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_load_pretrained_and_build_model_untie_for_chapter_compat(hf_pair, monkeypatch):
+    import huggingface_hub
+
+    import helpers.weights as weights
+
+    _, model, path = hf_pair
+    # No download: the hub hands back the small local file, the preset's config matches it.
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda *a, **k: str(path / "model.safetensors")
+    )
+    monkeypatch.setattr(weights, "get_config", lambda name: model.cfg)
+    assert load_pretrained("gpt2-small").tied
+    untied = load_pretrained("gpt2-small", tie_embeddings=False)
+    assert not untied.tied and torch.equal(untied.lm_head.weight, model.wte.weight)
+    chapter, desc = build_model("gpt2-small", chapter_compat=True)
+    assert desc == "OpenAI GPT-2 weights" and not chapter.tied
+    assert build_model("gpt2-small")[0].tied
+
+
+def test_build_model_tiny_chapter_compat_is_untied():
+    model, desc = build_model("tiny", chapter_compat=True)
+    assert desc == "random init" and not model.tied and model.cfg.tie_embeddings is False
+    assert build_model("tiny")[0].tied
+
+
+def test_save_model_stores_the_real_tie_state(tiny_config, tmp_path):
+    torch.manual_seed(3)
+    model = GPTModel(tiny_config)
+    # Untied by hand, not through untie_output_head: model.cfg still says tied.
+    model.lm_head.weight = torch.nn.Parameter(model.wte.weight.detach() + 1.0)
+    assert model.cfg.tie_embeddings and not model.tied
+    loaded = load_model(save_model(model, tmp_path / "model.safetensors"))
+    assert not loaded.tied and loaded.cfg.tie_embeddings is False
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    # untie_output_head keeps cfg in step; the reload is untied too.
+    again = load_model(
+        save_model(GPTModel(tiny_config).untie_output_head(), tmp_path / "b.safetensors")
+    )
+    assert not again.tied
