@@ -8,18 +8,19 @@ import warnings
 import pytest
 import torch
 
+import helpers.batching as batching
+import helpers.padding as padding
 from helpers.batching import (
     InstructionDataset,
-    LengthGroupedBatchSampler,
     Loaders,
     TokenizedExample,
     collate_fn,
     make_loaders,
-    padding_share,
     tokenize_example,
 )
 from helpers.data import split_data
-from helpers.prompts import format_example, format_prompt
+from helpers.padding import LengthGroupedBatchSampler, padding_share
+from helpers.prompts import PromptStyle, format_example, format_prompt
 from helpers.tokenizer import encode
 
 E = 50256  # <|endoftext|>, the pad token
@@ -330,3 +331,42 @@ def test_length_grouped_sampler():
     assert sorted(i for b in keep_all for i in b) == list(range(103))
     with pytest.raises(ValueError, match="batch_size"):
         LengthGroupedBatchSampler(lengths, 0)
+
+
+def test_padding_share_of_a_plain_dataset_without_lengths():
+    # A list of id lists (no .lengths): lengths are read from the items themselves.
+    class Ids(torch.utils.data.Dataset):
+        data = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+
+        def __getitem__(self, i: int) -> list[int]:
+            return self.data[i]
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+    loader = torch.utils.data.DataLoader(Ids(), batch_size=2, collate_fn=collate_fn)
+    # Batches [3, 1] and [2, 4] ids: widths 3 and 4, padding 2 + 2 of 14 positions.
+    assert padding_share(loader) == pytest.approx(4 / 14)
+
+
+def test_padding_names_stay_importable_from_batching():
+    for name in ("LengthGroupedBatchSampler", "loader_generators", "padding_share"):
+        assert getattr(batching, name) is getattr(padding, name)
+
+
+def test_dataset_and_loaders_accept_a_prompt_style_object(chapter_data, splits):
+    # An unregistered style: the object itself is kept, never looked up by name.
+    custom = PromptStyle(
+        name="bracketed",
+        render_input=lambda e: f"[Q] {e['instruction']} {e.get('input', '')}".rstrip(),
+        response_header="\n[A]:\n",
+    )
+    dataset = InstructionDataset(chapter_data[:3], style=custom)
+    assert dataset.style is custom
+    for entry, example in zip(chapter_data[:3], dataset.examples, strict=True):
+        assert example.ids == encode(format_example(entry, custom))
+        assert example.ids[: example.prompt_length] == encode(format_prompt(entry, custom))
+    loaders = make_loaders(splits, style=custom, batch_size=4)
+    train = loaders.train.dataset
+    assert isinstance(train, InstructionDataset) and train.style is custom
+    assert InstructionDataset(chapter_data[:1], style="phi3").style.name == "phi3"
