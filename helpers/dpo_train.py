@@ -23,12 +23,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from helpers.atomic import atomic_path
 from helpers.batching import loader_generators
 from helpers.dpo import dpo_loss_batch, dpo_loss_loader, freeze_reference
 from helpers.model import eval_mode
+from helpers.progress import tqdm
 
 DPO_CHECKPOINT_FORMAT = "course-dpo-checkpoint/1"
 CHECKPOINT_NAME = "dpo-checkpoint.pt"
