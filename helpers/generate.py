@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from helpers.model import GPTModel, eval_mode
+from helpers.progress import tqdm
 from helpers.prompts import extract_response, format_prompt
 from helpers.responses import RESPONSE_KEY, ResponseSet, save_responses
 from helpers.tokenizer import EOS_ID, decode, encode
@@ -48,18 +48,36 @@ def _fit_prompts(
     return fitted
 
 
-def _next_token(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+# Temperatures below this decode greedily: softmax(logits / T) would overflow float32 (NaN
+# probabilities) and is the argmax anyway. The same rule as the server's (helpers.serve_api).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    """True when `temperature` means greedy decoding (0, or below MIN_SAMPLING_TEMPERATURE)."""
+    return temperature < MIN_SAMPLING_TEMPERATURE
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next-token logits (B, V) -> token ids (B,): argmax, or sampled with temperature/top-k."""
+    """Next-token logits (B, V) -> token ids (B,): argmax, or sampled with temperature/top-k.
+
+    Greedy when `is_greedy(temperature)`; otherwise the logits are shifted so their maximum is
+    0 before dividing by the temperature, so the probabilities stay finite.
+    """
     if top_k is not None:
         # Keep the k largest logits (the chapter's rule: ties with the k-th also stay).
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if temperature > 0.0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return logits.argmax(dim=-1)
+    if is_greedy(temperature):
+        return logits.argmax(dim=-1)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # <= 0: no overflow when scaled
+    probs = torch.softmax(shifted / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 @torch.inference_mode()
@@ -108,7 +126,7 @@ def _generate_ids(
             )
         else:
             logits = model(ids, attention_mask=mask if padded else None, last_only=True)
-        next_ids = _next_token(logits[:, -1].float(), temperature, top_k, generator)  # (B,)
+        next_ids = sample_next_token(logits[:, -1].float(), temperature, top_k, generator)  # (B,)
 
         done = (
             next_ids == eos_id
@@ -152,7 +170,8 @@ def generate(
 ) -> torch.Tensor:
     """The chapter's `generate`: (B, T) ids -> (B, T + new) ids, prompt included.
 
-    Greedy when `temperature` is 0, else sampled (optionally from the `top_k` best tokens).
+    Greedy when `temperature` is 0 (or below MIN_SAMPLING_TEMPERATURE), else sampled
+    (optionally from the `top_k` best tokens).
     A row stops at `eos_id`; as in the chapter the eos token itself is not appended, and
     rows that stop early are filled with `eos_id` up to the longest row.
     """
@@ -293,7 +312,7 @@ def generate_test_responses(
             "top_k": top_k,
             "seed": seed,
             "batch_size": batch_size,
-            "decoding": "greedy" if temperature == 0 else "sampling",
+            "decoding": "greedy" if is_greedy(temperature) else "sampling",
             "chapter_compat": chapter_compat,
         },
         "n_entries": len(out),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from helpers.generate import _next_token
+from helpers.generate import sample_next_token
 from helpers.model import eval_mode
 from helpers.prompts import extract_response, format_prompt, get_style
 from helpers.serve_api import (
@@ -62,7 +62,9 @@ def generate_tokens(
     with eval_mode(model):
         for _ in range(max_tokens):
             logits = model(step, kv_cache=cache, last_only=True)  # (1, 1, V)
-            next_id = _next_token(logits[:, -1].float(), temperature, top_k, generator)  # (1,)
+            next_id = sample_next_token(
+                logits[:, -1].float(), temperature, top_k, generator
+            )  # (1,)
             token = int(next_id.item())
             if token == EOS_ID:
                 return

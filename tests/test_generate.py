@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from helpers.generate import (
+    MIN_SAMPLING_TEMPERATURE,
     generate,
     generate_batch,
     generate_responses,
     generate_test_responses,
+    is_greedy,
+    sample_next_token,
 )
 from helpers.model import GPTModel
 from helpers.prompts import extract_response, format_prompt
@@ -194,3 +197,23 @@ def test_generate_test_responses_records_settings(model, tmp_path):
         meta["model"] == "tiny" and meta["prompt_style"] == "phi3" and meta["checkpoint"] == "none"
     )
     assert meta["generation"]["max_new_tokens"] == 5 and meta["generation"]["decoding"] == "greedy"
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-8, MIN_SAMPLING_TEMPERATURE / 2])
+def test_tiny_temperatures_are_greedy_not_nan(model, prompts, temperature):
+    # softmax(logits / 1e-300) overflows float32 to NaN: such temperatures decode greedily.
+    assert is_greedy(temperature)
+    logits = torch.tensor([[3.0, 1.0, -2.0, 2.9], [-1.0, 0.5, 0.4, float("-inf")]])
+    assert sample_next_token(logits, temperature).tolist() == [0, 1]
+    greedy = generate_batch(model, prompts, 6, eos_id=None)
+    assert generate_batch(model, prompts, 6, temperature=temperature, seed=3, eos_id=None) == greedy
+
+
+def test_small_sampling_temperature_gives_finite_probabilities():
+    # Just above the threshold logits / T reach ~1e8, fine once the maximum is shifted to 0.
+    assert not is_greedy(MIN_SAMPLING_TEMPERATURE)
+    logits = torch.tensor([[1000.0, 999.0, -1000.0], [5.0, 5.0, float("-inf")]])
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_next_token(logits, MIN_SAMPLING_TEMPERATURE, generator=g) for _ in range(20)]
+    assert all(d[0] == 0 for d in draws)  # the best token by far
+    assert {int(d[1]) for d in draws} == {0, 1}  # a tie: both are drawn, never the -inf one
