@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from helpers.responses import entry_id, load_responses, save_responses
+import helpers.responses as responses
+from helpers.data import ChecksumError, DownloadError, sha256_of
+from helpers.responses import (
+    PUBLISHED_RESPONSES_SHA256,
+    entry_id,
+    load_responses,
+    published_responses_path,
+    save_responses,
+)
 
 ENTRY = {"instruction": "Name the capital of France.", "input": "", "output": "Paris."}
 
@@ -43,3 +51,41 @@ def test_entry_id_changes_with_every_text_and_only_them():
     for field in ("instruction", "input", "output", "model_response"):
         assert entry_id({**answered, field: answered[field] + "!"}) != key, field
     assert entry_id({**ENTRY, "answer": "Paris"}, "answer") == key
+
+
+def test_published_responses_path_env_override(monkeypatch, tmp_path):
+    local = tmp_path / "mine.json"
+    local.write_text("[]", encoding="utf-8")
+    monkeypatch.setenv("COURSE_RESPONSES", str(local))
+    assert published_responses_path(cache_dir=tmp_path / "cache") == local
+    assert not (tmp_path / "cache").exists()  # nothing downloaded
+    monkeypatch.setenv("COURSE_RESPONSES", str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="COURSE_RESPONSES"):
+        published_responses_path()
+
+
+def test_published_responses_path_downloads_verified_once(monkeypatch, tmp_path):
+    source = tmp_path / "published.json"
+    source.write_text('[{"instruction": "a", "output": "b", "model_response": "c"}]\n')
+    monkeypatch.delenv("COURSE_RESPONSES", raising=False)
+    monkeypatch.setattr(responses, "PUBLISHED_RESPONSES_URL", source.as_uri())
+    monkeypatch.setattr(responses, "PUBLISHED_RESPONSES_SHA256", sha256_of(source))
+    path = published_responses_path(cache_dir=tmp_path / "cache")
+    assert path == tmp_path / "cache" / "instruction-data-with-response.json"
+    assert load_responses(path).entries[0]["model_response"] == "c"
+    source.unlink()  # the second call reuses the verified copy
+    assert published_responses_path(cache_dir=tmp_path / "cache") == path
+    # A wrong digest leaves nothing; an unreachable URL says how to work offline.
+    monkeypatch.setattr(responses, "PUBLISHED_RESPONSES_SHA256", "0" * 64)
+    path.unlink()
+    source.write_text("[]")
+    with pytest.raises(ChecksumError):
+        published_responses_path(cache_dir=tmp_path / "cache")
+    assert not path.exists()
+    source.unlink()
+    with pytest.raises(DownloadError, match="COURSE_RESPONSES"):
+        published_responses_path(cache_dir=tmp_path / "cache")
+
+
+def test_published_responses_digest_matches_the_chapter_file(responses_path):
+    assert sha256_of(responses_path) == PUBLISHED_RESPONSES_SHA256
