@@ -10,19 +10,23 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import helpers.lora as lora
+import helpers.lora_adapters as lora_adapters
 from helpers.config import get_config
 from helpers.lora import (
-    LORA_FORMAT,
     LinearWithLoRA,
-    LoRAAdapterError,
     LoRALayer,
     apply_lora,
     count_parameters,
-    load_lora_adapters,
     lora_settings,
-    lora_state_dict,
     merge_lora,
     parameter_report,
+)
+from helpers.lora_adapters import (
+    LORA_FORMAT,
+    LoRAAdapterError,
+    load_lora_adapters,
+    lora_state_dict,
     save_lora_adapters,
 )
 from helpers.model import GPTModel
@@ -371,3 +375,11 @@ def test_training_changes_only_lora_weights(cfg, only_trainable):
         assert torch.equal(params_now[name], before), name
     for name, before in lora.items():
         assert not torch.equal(params_now[name], before), name
+
+
+def test_adapter_names_stay_importable_from_helpers_lora():
+    # Notebook 06 imports save_lora_adapters/load_lora_adapters from helpers.lora.
+    for name in lora_adapters.__all__:
+        assert getattr(lora, name) is getattr(lora_adapters, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        lora.no_such_name  # noqa: B018
