@@ -4,8 +4,9 @@ The book's bonus chapter, step by step: each preference pair becomes `prompt + c
 `prompt + rejected` (`collate_pairs`, masks keep the prompt and padding out), a sequence's
 log-probability is the mean log-probability of its answer tokens (`sequence_logprobs`), and
 `compute_dpo_loss` pushes the policy's log-ratio of chosen over rejected above the frozen
-reference model's. `train_dpo` is the training loop (checkpoints, exact resume, history);
-the command line is `python -m helpers.dpo` (see helpers.dpo_cli).
+reference model's. `train_dpo` in helpers.dpo_train is the training loop (history, exact
+resume; checkpoint files in helpers.dpo_checkpoints); the command line is
+`python -m helpers.dpo` (see helpers.dpo_cli, which writes its files with helpers.dpo_outputs).
 """
 
 from __future__ import annotations

@@ -2,32 +2,28 @@
 
 instruction-tuned model -> policy + frozen reference -> preference pairs -> DPO training ->
 history, plot, validation answers before and after, the tuned model and a summary, all in
-one output folder (default `runs/<model>-dpo`). Expected problems (missing files, bad data,
-a checkpoint that does not fit) end with one `error: ...` line and exit code 2.
+one output folder (default `runs/<model>-dpo`; helpers.dpo_outputs writes the files).
+Expected problems (missing files, bad data, a checkpoint that does not fit) end with one
+`error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from helpers.atomic import atomic_path, atomic_write_text
 from helpers.config import resolve_model_name
 from helpers.runtime import (
-    REPO_ROOT,
     course_model,
     describe_model,
     finetuned_path,
     get_device,
     model_slug,
 )
-
-RESPONSES_NAME = "validation-responses.json"
 
 
 class UsageError(Exception):
@@ -184,16 +180,16 @@ def _splits(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> dict:
     """Train with parsed `args`; returns the summary it also writes to summary.json."""
     from helpers.dpo import freeze_reference, make_preference_loaders
-    from helpers.dpo_train import (
-        DPOConfig,
-        dpo_checkpoint_path,
-        dpo_run_defaults,
-        plot_dpo_history,
-        train_dpo,
+    from helpers.dpo_checkpoints import dpo_checkpoint_path
+    from helpers.dpo_outputs import (
+        final_metrics,
+        save_dpo_model,
+        write_history,
+        write_responses,
+        write_summary,
     )
-    from helpers.generate import generate_responses
-    from helpers.plots import save_loss_plot
-    from helpers.weights import load_model, save_model
+    from helpers.dpo_train import DPOConfig, dpo_run_defaults, train_dpo
+    from helpers.weights import load_model
 
     start = time.perf_counter()
     name, sft = resolve_model(args)
@@ -229,81 +225,32 @@ def run(args: argparse.Namespace) -> dict:
                         device=device, resume_from=ckpt_dir if args.resume else None)  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "history.csv") as tmp:
-        history.to_csv(tmp, index=False)
-    plot_files = save_loss_plot(plot_dpo_history(history, title=label), out / "dpo-plot")
+    files = write_history(history, out, title=label)
+    meta = {"model": name, "description": label, "sft_checkpoint": str(sft), "beta": args.beta,
+            "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}  # fmt: skip
     entries = splits.validation[: args.response_limit]
     gen = dict(style=args.style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                progress=not args.quiet)  # fmt: skip
-    answers = zip(
-        generate_responses(reference, entries, **gen),
-        generate_responses(policy, entries, **gen),
-        strict=True,
-    )
-    responses = [
-        dict(e, sft_response=a, dpo_response=b) for e, (a, b) in zip(entries, answers, strict=True)
-    ]
-    meta = {"model": name, "description": label, "sft_checkpoint": str(sft), "beta": args.beta,
-            "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}  # fmt: skip
-    atomic_write_text(
-        out / RESPONSES_NAME, json.dumps({"metadata": meta, "entries": responses}, indent=2) + "\n"
-    )
-    model_file = save_model(
-        policy,
-        out / f"{model_slug(name)}-dpo.safetensors",
-        metadata={
-            "base_model": name,
-            "weights": f"instruction-tuned {sft.name}, then DPO",
-            "prompt_style": args.style,
-            "dpo_beta": args.beta,
-        },  # fmt: skip
-    )
-    last = history.iloc[-1] if len(history) else None
+    files.append(write_responses(out, reference, policy, entries, metadata=meta, **gen))
+    files.append(save_dpo_model(policy, out, name=name, sft=sft, style=args.style, beta=args.beta))
     summary = {
         "model": label,
         "device": str(device),
         "entries": {"train": len(splits.train), "validation": len(splits.validation)},
         "steps": int(history.attrs.get("steps", 0)),
-        "final": None
-        if last is None
-        else {k: float(last[k]) for k in history.columns if "_" in k and k != "tokens_seen"},
+        "final": final_metrics(history),
         "total_minutes": round((time.perf_counter() - start) / 60, 3),
         "settings": {k: v for k, v in vars(args).items() if k != "quiet"},
-        "files": sorted(
-            p.name for p in [*plot_files, model_file, out / "history.csv", out / RESPONSES_NAME]
-        ),
+        "files": sorted(p.name for p in files),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _print_summary(summary, out)
+    write_summary(summary, out)
     return summary
-
-
-def _print_summary(summary: dict, out: Path) -> None:
-    print("\n=== DPO summary ===")
-    print(f"Model:          {summary['model']}")
-    print(f"Steps:          {summary['steps']}")
-    final = summary["final"]
-    if final:
-        print(
-            f"Loss:           train {final['train_loss']:.3f}, validation {final['val_loss']:.3f}"
-        )
-        print(
-            f"Reward margin:  train {final['train_reward_margin']:.3f}, validation {final['val_reward_margin']:.3f}"
-        )
-    print(f"Time:           {summary['total_minutes']:.2f} min")
-    try:
-        shown = out.resolve().relative_to(REPO_ROOT)
-    except ValueError:
-        shown = out
-    print(f"Output folder:  {shown}")
-    for name in summary["files"]:
-        print(f"  - {name}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 with one `error:` line for expected problems, 130 on Ctrl-C."""
     from helpers.data import DatasetError, DownloadError
-    from helpers.dpo_train import DPOCheckpointError
+    from helpers.dpo_checkpoints import DPOCheckpointError
     from helpers.weights import CheckpointMismatchError
 
     parser = build_parser()

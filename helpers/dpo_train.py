@@ -2,36 +2,39 @@
 
 `train_dpo` follows the book's `train_model_dpo_simple` (AdamW with a small learning rate,
 one epoch, beta 0.1, evaluation every 5 steps on 5 batches) and the course's conventions: a
-tqdm bar, a pandas history, atomic checkpoints that resume to the same weights and history,
-and `plot_dpo_history` for the loss and reward-margin curves.
+tqdm bar, a pandas history, and atomic checkpoints that resume to the same weights and
+history. `DPOConfig` holds a run's settings, `dpo_run_defaults` the book's or the tiny
+preset's. Checkpoint files and the resume checks are in helpers.dpo_checkpoints;
+`plot_dpo_history` (loss and reward-margin curves) is in helpers.dpo_outputs, importable here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
-import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers.atomic import atomic_path
 from helpers.batching import loader_generators
+from helpers.config import resolve_model_name
 from helpers.dpo import dpo_loss_batch, dpo_loss_loader, freeze_reference
+from helpers.dpo_checkpoints import (
+    capture_rng,
+    check_resume,
+    load_dpo_checkpoint,
+    restore_rng,
+    save_dpo_checkpoint,
+    state_fingerprint,
+)
+from helpers.dpo_outputs import plot_dpo_history as plot_dpo_history  # notebook 07 imports it
 from helpers.model import eval_mode
 from helpers.progress import tqdm
 
-DPO_CHECKPOINT_FORMAT = "course-dpo-checkpoint/1"
-CHECKPOINT_NAME = "dpo-checkpoint.pt"
 METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin")
 HISTORY_COLUMNS = [
     "step",
@@ -39,8 +42,6 @@ HISTORY_COLUMNS = [
     "tokens_seen",
     *(f"{split}_{m}" for split in ("train", "val") for m in METRICS),
 ]
-# Settings that must match for a resumed run to continue the same one.
-RESUME_KEYS = ("seed", "beta", "eval_freq", "eval_iter", "lr", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,7 @@ TINY_DPO_DEFAULTS = DPORunDefaults(
 
 def dpo_run_defaults(name: str) -> DPORunDefaults:
     """The DPO settings for preset `name`: TINY_DPO_DEFAULTS for tiny, else the book's."""
-    from helpers.config import resolve_model_name
-
     return TINY_DPO_DEFAULTS if resolve_model_name(name) == "tiny" else BOOK_DPO_DEFAULTS
-
-
-class DPOCheckpointError(ValueError):
-    """A DPO checkpoint that is missing, unreadable, or does not fit this run."""
 
 
 @dataclass(frozen=True)
@@ -95,85 +90,6 @@ class DPOConfig:
     checkpoint_every: int | None = None
     progress: bool = True
     log_evals: bool = True
-
-
-def state_fingerprint(model: nn.Module) -> str:
-    """sha256 of every tensor of the state dict, in key order: equal iff the weights are."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _capture_rng(generators: list[torch.Generator]) -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "torch": torch.get_rng_state(),
-        "generators": [g.get_state() for g in generators],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any], generators: list[torch.Generator]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    for gen, saved in zip(generators, state["generators"], strict=True):
-        gen.set_state(saved.cpu())
-
-
-def dpo_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A checkpoint file; a directory (or a name without suffix) means the file inside it."""
-    path = Path(path)
-    return path / CHECKPOINT_NAME if path.is_dir() or path.suffix == "" else path
-
-
-def save_dpo_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write a DPO checkpoint atomically (tensors, numbers, strings, lists and dicts only)."""
-    path = dpo_checkpoint_path(path)
-    with atomic_path(path) as tmp:
-        torch.save({"format": DPO_CHECKPOINT_FORMAT, **state}, tmp)
-    return path
-
-
-def load_dpo_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint from `save_dpo_checkpoint` with `weights_only=True` (no code runs)."""
-    path = dpo_checkpoint_path(path)
-    if not path.is_file():
-        raise DPOCheckpointError(f"no DPO checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or corrupt files raise many different errors
-        raise DPOCheckpointError(f"cannot read DPO checkpoint {path}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != DPO_CHECKPOINT_FORMAT:
-        raise DPOCheckpointError(f"{path} is not a DPO checkpoint ({DPO_CHECKPOINT_FORMAT})")
-    return state
-
-
-def _check_resume(ckpt: dict, config: DPOConfig, n_batches: int, reference: str) -> None:
-    saved = ckpt.get("config", {})
-    for key in RESUME_KEYS:
-        if saved.get(key) != getattr(config, key):
-            raise DPOCheckpointError(
-                f"cannot resume: {key}={getattr(config, key)!r} but the checkpoint used "
-                f"{saved.get(key)!r}"
-            )
-    if ckpt.get("train_batches") != n_batches:
-        raise DPOCheckpointError(
-            f"cannot resume: the train loader has {n_batches} batches, the checkpoint was "
-            f"made with {ckpt.get('train_batches')}"
-        )
-    if ckpt.get("reference") != reference:
-        raise DPOCheckpointError(
-            "cannot resume: the reference model differs from the one the checkpoint was "
-            "trained against (load the same instruction-tuned model)"
-        )
 
 
 class _Run:
@@ -197,7 +113,7 @@ class _Run:
 
     def resume(self, path: str | os.PathLike) -> None:
         ckpt = load_dpo_checkpoint(path)
-        _check_resume(ckpt, self.config, len(self.train_loader), self.reference_print)
+        check_resume(ckpt, asdict(self.config), len(self.train_loader), self.reference_print)
         self.policy.load_state_dict(ckpt["policy"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.pos = {k: int(ckpt["pos"][k]) for k in self.pos}
@@ -207,7 +123,7 @@ class _Run:
         self.snap = {"pos": dict(self.pos), "rng": ckpt["rng"], "n": len(self.history)}
 
     def snapshot(self) -> dict[str, Any]:
-        return {"pos": dict(self.pos), "rng": _capture_rng(self.gens), "n": len(self.history)}
+        return {"pos": dict(self.pos), "rng": capture_rng(self.gens), "n": len(self.history)}
 
     def save(self, snap: dict[str, Any]) -> None:
         if self.config.checkpoint_dir is None:
@@ -288,7 +204,7 @@ class _Run:
         for _ in range(self.pos["batches"]):  # replay the order up to the checkpoint
             next(batches)
         if self.pending_rng is not None and self.pos["batches"]:
-            _restore_rng(self.pending_rng, self.gens)
+            restore_rng(self.pending_rng, self.gens)
         self.pending_rng = None
         self.snap = self.snapshot()
         if self.needs_eval():  # interrupted between a step and its evaluation
@@ -357,21 +273,3 @@ def train_dpo(
     history = run.frame()
     history.attrs.update(steps=run.pos["step"], tokens_seen=run.pos["tokens_seen"])
     return history
-
-
-def plot_dpo_history(history: Any, *, title: str | None = None) -> Figure:
-    """Two panels against the step: DPO loss, and reward margin (chosen minus rejected)."""
-    df = pd.DataFrame(history)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    panels = ((ax1, "loss", "DPO loss", "loss"), (ax2, "reward_margin", "Reward margin", "margin"))
-    for ax, metric, label, short in panels:
-        ax.plot(df["step"], df[f"train_{metric}"], label=f"Training {short}")
-        ax.plot(df["step"], df[f"val_{metric}"], linestyle="-.", label=f"Validation {short}")
-        ax.set_xlabel("Step")
-        ax.set_ylabel(label)
-        ax.legend(loc="best", fontsize=8)
-    ax2.axhline(0.0, color="grey", linewidth=0.8)
-    if title:  # wrapped, so a long model description fits the figure
-        fig.suptitle(textwrap.fill(title, 110), fontsize=9)
-    fig.tight_layout()
-    return fig

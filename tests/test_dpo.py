@@ -23,15 +23,9 @@ from helpers.dpo import (
     sequence_logprobs,
     tokenize_pair,
 )
-from helpers.dpo_train import (
-    HISTORY_COLUMNS,
-    DPOCheckpointError,
-    DPOConfig,
-    load_dpo_checkpoint,
-    plot_dpo_history,
-    state_fingerprint,
-    train_dpo,
-)
+from helpers.dpo_checkpoints import DPOCheckpointError, load_dpo_checkpoint, state_fingerprint
+from helpers.dpo_outputs import plot_dpo_history
+from helpers.dpo_train import HISTORY_COLUMNS, DPOConfig, train_dpo
 from helpers.model import GPTModel
 from helpers.prompts import format_prompt
 from helpers.tokenizer import encode

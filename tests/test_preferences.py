@@ -16,19 +16,21 @@ from helpers.judge import ollama_client, openai_client
 from helpers.preferences import (
     PREFERENCES_ENV,
     PREFERENCES_SHA256,
-    RULE_BASED,
     EmptyPreferenceError,
     MissingPreferenceError,
     PreferenceDataError,
+    load_preferences,
+    save_preferences,
+    validate_preferences,
+)
+from helpers.preferences_generate import (
+    RULE_BASED,
     choose_politeness,
     clean_reply,
     generate_preferences,
-    load_preferences,
     read_rewrite_cache,
     rewrite_prompt,
     rule_based_rewrite,
-    save_preferences,
-    validate_preferences,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -241,7 +243,7 @@ def test_politeness_choice_depends_on_the_entry_not_its_position():
 
 
 def test_command_line_offline_and_against_a_server(fake_llm, chapter_data_path, tmp_path, capsys):
-    from helpers.preferences import main
+    from helpers.preferences_generate import main
 
     out = tmp_path / "pairs.json"
     args = ["--data", str(chapter_data_path), "--limit", "4", "--output", str(out), "--quiet"]
