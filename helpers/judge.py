@@ -53,7 +53,9 @@ class JudgeClient:
     backoff: float = 0.5
     seed: int = 123
     temperature: float = 0.0
-    max_tokens: int = 32
+    # The reply's length limit: Ollama's options.num_predict, OpenAI's max_tokens; a score needs
+    # a few tokens, and without it Ollama-style servers may write hundreds. None: no limit sent.
+    max_tokens: int | None = 32
     # Never shown in repr, never written to caches; for 'openai', read by `_env_api_key`.
     api_key: str | None = field(default=None, repr=False)
 
@@ -122,15 +124,23 @@ class JudgeClient:
     def _payload(self, prompt: str) -> dict[str, Any]:
         messages = [{"role": "user", "content": prompt}]
         if self.api == "ollama":
-            options = {"seed": self.seed, "temperature": self.temperature, "num_ctx": 2048}
+            options: dict[str, Any] = {
+                "seed": self.seed,
+                "temperature": self.temperature,
+                "num_ctx": 2048,
+            }
+            if self.max_tokens is not None:
+                options["num_predict"] = self.max_tokens
             return {"model": self.model, "messages": messages, "options": options, "stream": False}
-        return {
+        payload: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "temperature": self.temperature,
             "seed": self.seed,
-            "max_tokens": self.max_tokens,
         }
+        if self.max_tokens is not None:
+            payload["max_tokens"] = self.max_tokens
+        return payload
 
     def chat(self, prompt: str) -> str:
         """Send one user message and return the reply text, retrying transient failures.

@@ -341,3 +341,20 @@ def test_read_timeout_is_not_reported_as_server_down():
     finally:
         server.shutdown()
     assert "ollama serve" not in str(err.value)
+
+
+def test_reply_length_limit_is_sent_to_both_apis():
+    # Ollama reads the limit from options.num_predict (without it: hundreds of tokens).
+    options = ollama_client()._payload("p")["options"]
+    assert options["num_predict"] == 32 and options["seed"] == 123
+    assert ollama_client(max_tokens=3)._payload("p")["options"]["num_predict"] == 3
+    assert openai_client("http://h/v1", "m", max_tokens=5)._payload("p")["max_tokens"] == 5
+    # None sends no limit: the chapter's query_model request, the server's own default.
+    assert "num_predict" not in ollama_client(max_tokens=None)._payload("p")["options"]
+    assert "max_tokens" not in openai_client("http://h/v1", "m", max_tokens=None)._payload("p")
+    server = FakeJudge(["7"])
+    try:
+        assert ollama_client(base_url=server.url, max_tokens=4).chat("p") == "7"
+    finally:
+        server.shutdown()
+    assert server.requests[0]["options"]["num_predict"] == 4
