@@ -20,7 +20,7 @@ from helpers.config import CHAPTER_RUN_DEFAULTS, TINY_RUN_DEFAULTS, run_defaults
 from helpers.config import resolve_model_name as _resolve
 from helpers.prompts import PROMPT_STYLES, get_style
 from helpers.runtime import DEFAULT_MODEL, course_model, run_dir
-from helpers.train_config import TrainConfig, field_problem
+from helpers.train_config import TrainConfig, field_problem, preset_train_config
 
 DEFAULT_CHECKPOINT_MINUTES = 5.0  # a killed run loses at most this much work
 
@@ -187,7 +187,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
     if args.no_checkpoint and periodic:  # no flag may be silently ignored
         raise ValueError("--no-checkpoint contradicts --checkpoint-every/--checkpoint-minutes")
     minutes = pick(args.checkpoint_minutes, DEFAULT_CHECKPOINT_MINUTES)
-    train = TrainConfig(**{"lr": preset.lr, "num_epochs": preset.num_epochs, **train_values})
+    train = preset_train_config(name, **train_values)
     return FinetuneSettings(
         model=name,
         output_dir=Path(args.output_dir) if args.output_dir else run_dir(name),

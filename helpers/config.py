@@ -100,13 +100,21 @@ def is_pretrained_preset(name: str) -> bool:
 
 @dataclass(frozen=True)
 class RunDefaults:
-    """Run settings that depend on the model: the chapter's, or the tiny preset's."""
+    """Run settings that depend on the model: the chapter's, or the tiny preset's.
+
+    Fields named like `TrainConfig` fields (lr, num_epochs, schedule, warmup_steps) are that
+    config's defaults for the preset (`helpers.train_config.preset_train_config`).
+    """
 
     limit: int | None  # use only the first N dataset entries (None: all)
     lr: float  # AdamW learning rate
     num_epochs: int
     max_new_tokens: int  # length of the test-split responses
     sample_max_new_tokens: int  # length of the per-epoch sample response
+    schedule: str = "constant"  # learning-rate schedule (TrainConfig.schedule)
+    warmup_steps: int = 0
+    overfit_limit: int = 100  # notebook 04's overfitting demo: train on this many entries...
+    overfit_epochs: int = 8  # ...for this many epochs
 
 
 CHAPTER_RUN_DEFAULTS = RunDefaults(
@@ -115,7 +123,13 @@ CHAPTER_RUN_DEFAULTS = RunDefaults(
 # tiny (random init, two CPU cores): a 200-entry subset so a run takes about a minute, a
 # learning rate a randomly initialised model can learn something with, shorter responses.
 TINY_RUN_DEFAULTS = RunDefaults(
-    limit=200, lr=1e-3, num_epochs=2, max_new_tokens=64, sample_max_new_tokens=35
+    limit=200,
+    lr=1e-3,
+    num_epochs=2,
+    max_new_tokens=64,
+    sample_max_new_tokens=35,
+    overfit_limit=24,
+    overfit_epochs=30,
 )
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from helpers.config import run_defaults
+
 Check = Callable[[Any], str | None]  # returns what is wrong with a value, or None
 
 
@@ -192,3 +194,11 @@ def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def preset_train_config(model_name: str, **overrides: Any) -> TrainConfig:
+    """`TrainConfig` with the preset's run defaults (`helpers.config.run_defaults`) applied."""
+    preset = run_defaults(model_name)
+    names = {f.name for f in fields(TrainConfig)}
+    values = {f.name: getattr(preset, f.name) for f in fields(preset) if f.name in names}
+    return TrainConfig(**{**values, **overrides})
