@@ -242,5 +242,7 @@ def make_loaders(
                 num_workers=num_workers,
                 generator=generator,
             )
+        # Marks the chapter's order for helpers.train (see train_extensions.epoch_batches).
+        loader.chapter_order = chapter_compat
         loaders.append(loader)
     return Loaders(*loaders)

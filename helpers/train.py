@@ -19,11 +19,11 @@ from typing import Any
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from helpers.batching import IGNORE_INDEX, loader_generators
 from helpers.checkpoints import TrainState
 from helpers.model import eval_mode
+from helpers.progress import tqdm
 from helpers.train_config import RunOptions, TrainConfig, lr_factor
 from helpers.train_extensions import (
     LossWatch,

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from helpers.checkpoints import (
     Checkpoint,
@@ -32,6 +31,7 @@ from helpers.checkpoints import (
     restore_rng_state,
     save_checkpoint,
 )
+from helpers.progress import tqdm
 from helpers.train_config import RunOptions, TrainConfig
 
 
@@ -54,16 +54,36 @@ def epoch_batches(
     loader: DataLoader, state: TrainState, seed: int, generators: list[torch.Generator]
 ) -> Iterator:
     """The epoch's batches from where `state` stands, in the order an uninterrupted run saw."""
+    if getattr(loader, "chapter_order", False):
+        # Chapter-faithful loaders draw from torch's global RNG, which the chapter seeds once
+        # before training (123) and then lets run on: seed at the start only. Later epochs
+        # follow the chapter's order, so such a run resumes exactly only within epoch 1.
+        if state.epoch == 0:
+            torch.manual_seed(seed)
+            batches = _skip(iter(loader), state.batches)
+            if state.batches:  # the global RNG as it was, so epoch 2 follows the same order
+                restore_rng_state(state.rng, generators)
+            return batches
+        if state.batches:
+            raise CheckpointError(
+                "cannot resume a chapter-faithful run (make_loaders(chapter_compat=True)) after "
+                "its first epoch: its shuffling follows torch's global random state"
+            )
+        return iter(loader)
     # Each epoch's order depends only on (seed, epoch), so a resumed run replays it: this
     # replaces the seed the loader was built with, and resets the global torch RNG too.
     torch.manual_seed(seed + state.epoch)
     for gen in generators:
         gen.manual_seed(seed + state.epoch)
-    batches = iter(loader)
-    for _ in range(state.batches):  # a resumed run skips what the checkpoint had done
-        next(batches)
+    batches = _skip(iter(loader), state.batches)
     if state.batches:
         restore_rng_state(state.rng, generators)
+    return batches
+
+
+def _skip(batches: Iterator, n: int) -> Iterator:
+    for _ in range(n):  # a resumed run skips what the checkpoint had done
+        next(batches)
     return batches
 
 

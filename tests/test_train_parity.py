@@ -72,3 +72,61 @@ def test_history_equals_the_chapters_loop(tiny_config):
     assert history["tokens_seen"].tolist() == expected[2]
     for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _global_rng_loader(seed: int, n: int = 24) -> DataLoader:
+    # The chapter's DataLoader: no generator of its own, shuffled from torch's global RNG.
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, 50, (n, 10), generator=g)
+    loader = DataLoader(TensorDataset(inputs, (inputs + 1) % 50), batch_size=4, shuffle=True,
+                        drop_last=True)  # fmt: skip
+    loader.chapter_order = True  # what make_loaders(chapter_compat=True) sets
+    return loader
+
+
+def chapter_train_model_simple(model, train_loader, val_loader, optimizer, num_epochs,
+                               eval_freq, eval_iter):  # fmt: skip
+    """The book's loop verbatim: no reseeding between epochs."""
+    train_losses, val_losses, global_step = [], [], -1
+    for _ in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, "cpu")
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(
+                    model, train_loader, val_loader, "cpu", eval_iter
+                )
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+    return train_losses, val_losses
+
+
+def test_chapter_order_loaders_follow_the_chapters_loop_over_epochs(tiny_config):
+    """Chapter-faithful mode: seed once (123) before training, every epoch as the chapter's."""
+    from dataclasses import replace
+
+    tiny_config = replace(tiny_config, context_length=16, emb_dim=16, n_layers=1)
+    torch.manual_seed(3)
+    reference_model = GPTModel(tiny_config)
+    model = GPTModel(tiny_config)
+    model.load_state_dict(reference_model.state_dict())
+    cfg = TrainConfig(num_epochs=3, lr=2e-3, eval_freq=2, eval_iter=2, seed=123)
+
+    optimizer = torch.optim.AdamW(
+        reference_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    train_loader, val_loader = _global_rng_loader(0), _global_rng_loader(5)
+    torch.manual_seed(123)  # the chapter seeds right before train_model_simple
+    expected = chapter_train_model_simple(reference_model, train_loader, val_loader, optimizer,
+                                          cfg.num_epochs, cfg.eval_freq, cfg.eval_iter)  # fmt: skip
+    history = train(model, train_loader, val_loader, config=cfg,
+                    options=RunOptions(progress=False, log_evals=False))  # fmt: skip
+
+    assert history["train_loss"].tolist() == expected[0]
+    assert history["val_loss"].tolist() == expected[1]
+    for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(a, b)
