@@ -176,6 +176,14 @@ class RunOptions:
     # SIGTERM/SIGHUP (a closed terminal, `kill`, a batch system's time limit) are handled
     # like Ctrl-C while training: checkpoint, then stop. Only possible in the main thread.
     handle_signals: bool = _param(True, "save a checkpoint on SIGTERM/SIGHUP too", _boolean)
+    # The same losses up to float rounding (so it is not a hyper-parameter); faster on a GPU,
+    # where 2 * eval_iter small forward passes per evaluation become 2 larger ones.
+    eval_batched: bool = _param(
+        False,
+        "evaluate the eval_iter batches of each split in one forward pass (padded to one "
+        "length; same losses up to float rounding, more memory)",
+        _boolean,
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -201,4 +209,12 @@ def preset_train_config(model_name: str, **overrides: Any) -> TrainConfig:
     preset = run_defaults(model_name)
     names = {f.name for f in fields(TrainConfig)}
     values = {f.name: getattr(preset, f.name) for f in fields(preset) if f.name in names}
+    return TrainConfig(**{**values, **overrides})
+
+
+def preset_overfit_config(model_name: str, **overrides: Any) -> TrainConfig:
+    """The overfitting demo's `TrainConfig` (notebook 04): many epochs on a few entries."""
+    preset = run_defaults(model_name)
+    values = dict(num_epochs=preset.overfit_epochs, lr=preset.overfit_lr, warmup_steps=5,
+                  eval_freq=5, eval_iter=1)  # fmt: skip
     return TrainConfig(**{**values, **overrides})
