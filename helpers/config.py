@@ -123,7 +123,7 @@ class RunDefaults:
 
 
 CHAPTER_RUN_DEFAULTS = RunDefaults(
-    limit=None, lr=5e-5, num_epochs=2, max_new_tokens=256, sample_max_new_tokens=35
+    limit=None, lr=5e-5, num_epochs=2, max_new_tokens=256, sample_max_new_tokens=50
 )
 # tiny (random init, two CPU cores), chosen by experiment: the whole training split for one
 # epoch at a high learning rate with warmup and cosine decay teaches the random model the

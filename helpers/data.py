@@ -107,6 +107,8 @@ def _parse_jsonl(text: str, source: str) -> list:
             raise DatasetError(
                 f"{source}: invalid JSON on line {line_no} (entry {len(entries)}): {exc.msg}"
             ) from None
+        except RecursionError:
+            raise DatasetError(f"{source}: line {line_no} is nested too deeply") from None
     return entries
 
 
@@ -120,7 +122,7 @@ def _parse(text: str, source: str, jsonl: bool | None) -> list:
         if jsonl:
             try:
                 json.loads(text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 pass
             else:  # one pretty-printed object, not JSON Lines
                 jsonl = False
@@ -132,6 +134,8 @@ def _parse(text: str, source: str, jsonl: bool | None) -> list:
         raise DatasetError(
             f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
+    except RecursionError:  # e.g. 100,000 nested brackets: not a dataset
+        raise DatasetError(f"{source}: the JSON is nested too deeply to be a dataset") from None
     if isinstance(data, dict) and stripped.rstrip().count("\n") == 0:
         return [data]  # a single-line JSON Lines file holding one entry
     if not isinstance(data, list):
@@ -183,7 +187,7 @@ def load_instruction_data(
     if not path.is_file():
         raise DatasetError(f"{path}: no such dataset file (from the argument or ${DATASET_ENV})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not data
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     jsonl = True if path.suffix.lower() in (".jsonl", ".ndjson") else None

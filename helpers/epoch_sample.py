@@ -14,7 +14,8 @@ import torch
 from helpers.generate import generate_responses
 from helpers.model import eval_mode
 
-SAMPLE_MAX_NEW_TOKENS = 35  # the chapter's per-epoch sample length
+# The chapter's generate_and_print_sample (chapter 5, reused by chapter 7) writes 50 tokens.
+SAMPLE_MAX_NEW_TOKENS = 50
 
 
 def print_sample(

@@ -308,3 +308,34 @@ def test_single_entry_json_lines_with_final_newline(tmp_path):
     path = tmp_path / "one.json"
     path.write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\n', encoding="utf-8")
     assert load_instruction_data(path) == [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+
+
+def test_alpaca_format_file_loads(tmp_path):
+    """Exercise 7.3: the original Alpaca file (52,002 entries) has the same keys; a small one."""
+    entries = [
+        {
+            "instruction": f"Give three tips number {i}.",
+            "input": "" if i % 2 else "x",
+            "output": f"Tip {i}.",
+        }  # fmt: skip
+        for i in range(20)
+    ]
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(entries, indent=4), encoding="utf-8")
+    assert load_instruction_data(path) == entries
+    splits = split_data(load_instruction_data(path))
+    assert [len(s) for s in splits] == [17, 1, 2]
+
+
+def test_byte_order_mark_is_not_data(tmp_path):
+    path = tmp_path / "bom.json"
+    entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    path.write_text("\ufeff" + json.dumps([entry]), encoding="utf-8")
+    assert load_instruction_data(path) == [entry]
+
+
+def test_deeply_nested_json_is_one_clear_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(DatasetError, match="deep.json: the JSON is nested too deeply"):
+        load_instruction_data(path)
