@@ -9,6 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed."""
@@ -16,6 +22,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target, so os.replace is a rename within one file system.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # mkstemp makes the file private (0600); the result gets what a plain open() would give.
+    if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
+        os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -20,3 +20,19 @@ def test_failure_keeps_old_file_and_cleans_up(tmp_path):
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Outputs are as readable as any file the user writes (umask), not private like mkstemp's."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "summary.json", "{}")
+        with atomic_path(tmp_path / "model.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "model.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
