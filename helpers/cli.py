@@ -9,6 +9,7 @@ from `helpers.config.run_defaults`, the one table the notebooks use too.
 from __future__ import annotations
 
 import argparse
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -18,11 +19,13 @@ from typing import Any
 
 from helpers.config import CHAPTER_RUN_DEFAULTS, TINY_RUN_DEFAULTS, run_defaults
 from helpers.config import resolve_model_name as _resolve
-from helpers.prompts import PROMPT_STYLES, get_style
+from helpers.lora import TARGET_GROUPS
+from helpers.prompts import PROMPT_STYLES, chapter_compat_from_env, get_style
 from helpers.runtime import DEFAULT_MODEL, course_model, run_dir
 from helpers.train_config import TrainConfig, field_problem, preset_train_config
 
 DEFAULT_CHECKPOINT_MINUTES = 5.0  # a killed run loses at most this much work
+LORA_TARGETS = ("attn", "mlp")  # the book's choice: every linear of every block
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,13 @@ class FinetuneSettings:
     test_limit: int | None = None
     device: str | None = None
     progress: bool = True
+    # LoRA (appendix E, exercise 7.4): None trains every weight. alpha None: equal to the rank.
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_rank_scaled: bool = False  # the paper's alpha / rank instead of the book's alpha
+    # Chapter-faithful mode: untied head, global-RNG shuffling, header-less test prompts.
+    chapter_compat: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length", "max_new_tokens", "sample_max_new_tokens",
@@ -61,6 +71,28 @@ class FinetuneSettings:
         periodic = self.checkpoint_every is not None or self.checkpoint_minutes is not None
         if periodic and not self.checkpoint:
             raise ValueError("FinetuneSettings: periodic checkpoints need checkpoint=True")
+        if self.chapter_compat and self.grouped:
+            raise ValueError("FinetuneSettings: chapter_compat=True needs grouped=False")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        # Resolves lora_alpha (None -> the rank) and lora_targets (any iterable -> tuple).
+        rank, targets = self.lora_rank, tuple(self.lora_targets)
+        if rank is None:
+            if self.lora_alpha is not None or self.lora_rank_scaled or targets != LORA_TARGETS:
+                raise ValueError("FinetuneSettings: the other lora_* settings need lora_rank")
+            return
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"FinetuneSettings.lora_rank must be a positive integer, got {rank!r}")
+        alpha = float(rank if self.lora_alpha is None else self.lora_alpha)
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"FinetuneSettings.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        unknown = [t for t in targets if t not in TARGET_GROUPS]
+        if unknown or not targets:
+            raise ValueError(f"FinetuneSettings.lora_targets: choose from {list(TARGET_GROUPS)}, "
+                             f"got {list(targets)}")  # fmt: skip
+        object.__setattr__(self, "lora_alpha", alpha)  # frozen: resolved once, here
+        object.__setattr__(self, "lora_targets", targets)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -146,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="truncate examples to N tokens (default: 1024)",
     )
     add("--grouped", action="store_true", help="length-grouped batches (less padding)")
+    add("--chapter-compat", action=argparse.BooleanOptionalAction, default=None,
+        help="chapter-faithful mode: untied output head, the chapter's shuffling and test "
+        "prompts (default: $COURSE_CHAPTER_COMPAT, else off)")  # fmt: skip
+    lora = p.add_argument_group("LoRA (appendix E; default: full fine-tuning)")
+    lora.add_argument("--lora-rank", type=_parse(int), default=None, metavar="R",
+                      help="freeze the model and train rank-R LoRA adapters (the book: 16)")  # fmt: skip
+    lora.add_argument("--lora-alpha", type=_parse(float), default=None, metavar="A",
+                      help="LoRA scaling alpha (default: equal to --lora-rank)")  # fmt: skip
+    lora.add_argument("--lora-targets", nargs="+", choices=list(TARGET_GROUPS), default=None,
+                      help=f"linears to adapt (default: {' '.join(LORA_TARGETS)})")  # fmt: skip
+    lora.add_argument("--lora-rank-scaled", action="store_true",
+                      help="scale by alpha / rank (the LoRA paper) instead of alpha (the book)")  # fmt: skip
     add_config_flags(p)
     run = p.add_argument_group("checkpoints and output")
     run.add_argument("--checkpoint-every", type=_parse(int), default=None, metavar="STEPS",
@@ -170,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_flags(args: argparse.Namespace) -> bool:
+    """Refuse contradicting flags (no flag may be silently ignored); the chapter-faithful switch."""
+    periodic = args.checkpoint_every is not None or args.checkpoint_minutes is not None
+    if args.no_checkpoint and periodic:
+        raise ValueError("--no-checkpoint contradicts --checkpoint-every/--checkpoint-minutes")
+    lora_given = {"--lora-alpha": args.lora_alpha is not None,
+                  "--lora-targets": args.lora_targets is not None,
+                  "--lora-rank-scaled": args.lora_rank_scaled}  # fmt: skip
+    if args.lora_rank is None and any(lora_given.values()):
+        raise ValueError(f"{'/'.join(f for f, on in lora_given.items() if on)} needs --lora-rank")
+    compat = chapter_compat_from_env() if args.chapter_compat is None else args.chapter_compat
+    if compat and args.grouped:
+        source = "--chapter-compat" if args.chapter_compat else "$COURSE_CHAPTER_COMPAT"
+        raise ValueError(f"{source} contradicts --grouped (the chapter batches in random order)")
+    return compat
+
+
 def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
     """Resolve defaults (model-dependent ones from run_defaults) and validate; ValueError if bad."""
     name = course_model() if args.model is None else _resolve(args.model)
@@ -183,9 +244,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         for f in fields(TrainConfig)
         if getattr(args, f.name) is not None
     }
-    periodic = args.checkpoint_every is not None or args.checkpoint_minutes is not None
-    if args.no_checkpoint and periodic:  # no flag may be silently ignored
-        raise ValueError("--no-checkpoint contradicts --checkpoint-every/--checkpoint-minutes")
+    compat = _check_flags(args)
     minutes = pick(args.checkpoint_minutes, DEFAULT_CHECKPOINT_MINUTES)
     train = preset_train_config(name, **train_values)
     return FinetuneSettings(
@@ -209,4 +268,9 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         test_limit=args.test_limit,
         device=args.device,
         progress=not args.quiet,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(dict.fromkeys(args.lora_targets or LORA_TARGETS)),
+        lora_rank_scaled=args.lora_rank_scaled,
+        chapter_compat=compat,
     )

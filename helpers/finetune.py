@@ -1,10 +1,13 @@
 """The whole chapter headless: `python -m helpers.finetune --model gpt2-medium` (or `tiny`).
 
 `run(settings)` does it in four steps: `load` (dataset, splits, loaders), `build` (model,
-initial losses, a check that the output folder can take the files), `fit` (training, with
-checkpoints) and `write` (model, history, loss plot, test-split responses, summary.json), all
-into one output folder. `main` is the command line (options in helpers.cli): expected
-errors print one line and exit with code 2.
+LoRA adapters with --lora-rank, initial losses, a check that the output folder can take the
+files), `fit` (training, with checkpoints) and `write` (LoRA adapters, model, history, loss
+plot, test-split responses, summary.json), all into one output folder. A LoRA run saves its
+adapters, then merges them and saves the merged model like any run, so every tool that loads
+`<model>-sft.safetensors` works unchanged. `--chapter-compat` is chapter-faithful mode end to
+end (untied head, the chapter's shuffling and test prompts). `main` is the command line
+(options in helpers.cli): expected errors print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -13,9 +16,8 @@ import json
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -28,7 +30,10 @@ from helpers.config import is_pretrained_preset
 from helpers.data import DatasetError, DataSplits, DownloadError, load_instruction_data, split_data
 from helpers.epoch_sample import sample_printer
 from helpers.generate import generate_test_responses
+from helpers.lora import apply_lora, count_parameters, lora_settings, merge_lora, parameter_report
+from helpers.lora_adapters import save_lora_adapters
 from helpers.model import GPTModel
+from helpers.run_summary import print_summary, summarize
 from helpers.runtime import (
     OutputDirError,
     check_output_dir,
@@ -47,6 +52,7 @@ from helpers.weights import (
 
 RESPONSES_NAME = "instruction-data-with-response.json"  # the chapter's file name
 HISTORY_NAME = "history.csv"
+ADAPTERS_NAME = "lora-adapters.safetensors"  # a LoRA run's adapters (the model file is merged)
 
 
 class RunError(ValueError):
@@ -74,6 +80,7 @@ class Built(NamedTuple):
     label: str  # describe_model's line
     device: torch.device
     initial_loss: dict[str, float]
+    parameters: tuple[int, int]  # (trainable, total), LoRA's A/B included
 
 
 def load(settings: FinetuneSettings) -> Loaded:
@@ -86,9 +93,12 @@ def load(settings: FinetuneSettings) -> Loaded:
             f"validation / {len(splits.test)} test; need at least --batch-size "
             f"({settings.batch_size}) train entries and one of each other split (raise --limit)"
         )
+    if settings.chapter_compat:  # the chapter's loaders shuffle from the global RNG, seeded so
+        torch.manual_seed(settings.train.seed)
     loaders = make_loaders(splits, batch_size=settings.batch_size, style=settings.style,
                            mask_prompt=settings.mask_prompt, allowed_max_length=settings.max_length,
-                           grouped=settings.grouped, seed=settings.train.seed)  # fmt: skip
+                           grouped=settings.grouped, seed=settings.train.seed,
+                           chapter_compat=settings.chapter_compat)  # fmt: skip
     print(f"Data: {len(splits.train)} train, {len(splits.validation)} validation, "
           f"{len(splits.test)} test entries")  # fmt: skip
     test = splits.test[: settings.test_limit] if settings.test_limit else splits.test
@@ -100,10 +110,13 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
     if settings.resume and not checkpoint_path(settings.checkpoint_dir).is_file():
         raise RunError(f"--resume: no checkpoint in {settings.checkpoint_dir}")
     check_output_dir(settings.output_dir)  # writable? (before a possibly long weights download)
+    tie = not settings.chapter_compat  # the chapter's GPTModel has a separate out_head
     if not settings.random_init and is_pretrained_preset(settings.model):
-        model, weights = load_pretrained(settings.model), "OpenAI GPT-2 weights"
+        model, weights = load_pretrained(settings.model, tie_embeddings=tie), "OpenAI GPT-2 weights"
     else:
-        model, weights = random_model(settings.model, seed=settings.train.seed), "random init"
+        model = random_model(settings.model, seed=settings.train.seed, tie_embeddings=tie)
+        weights = "random init"
+    _add_lora(settings, model)  # before the losses and training (a checkpoint has its keys)
     if settings.max_length > model.cfg.context_length:
         raise RunError(f"--max-length {settings.max_length} exceeds the model's context length "
                        f"{model.cfg.context_length}")  # fmt: skip
@@ -115,12 +128,25 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
     model.to(device)
     label = describe_model(settings.model, weights)
     print(f"Model: {label} on {device}")
+    if settings.lora_rank is not None:
+        print(parameter_report(model))
     model.eval()
     initial = {split: calc_loss_loader(getattr(loaded.loaders, split), model, device,
                                        num_batches=settings.train.eval_iter)
                for split in ("train", "validation")}  # fmt: skip
     print(f"Initial loss: train {initial['train']:.3f}, validation {initial['validation']:.3f}")
-    return Built(model, weights, label, device, initial)
+    return Built(model, weights, label, device, initial, count_parameters(model))
+
+
+def _add_lora(settings: FinetuneSettings, model: GPTModel) -> None:
+    """With --lora-rank: freeze `model` and add seeded LoRA adapters (in place)."""
+    if settings.lora_rank is None:
+        return
+    assert settings.lora_alpha is not None  # FinetuneSettings resolves it (default: the rank)
+    with torch.random.fork_rng(devices=[]):  # the same A matrices on every run
+        torch.manual_seed(settings.train.seed)
+        apply_lora(model, settings.lora_rank, settings.lora_alpha, settings.lora_targets,
+                   rank_scaled=settings.lora_rank_scaled)  # fmt: skip
 
 
 def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFrame:
@@ -154,13 +180,21 @@ def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFram
 def write(
     settings: FinetuneSettings, loaded: Loaded, built: Built, history: pd.DataFrame, started: float
 ) -> dict:
-    """Model first (the most precious file), then history, plot, responses and summary.json."""
+    """Model first (the most precious file), then history, plot, responses and summary.json.
+
+    A LoRA run first writes its adapters (small), then merges them into the model (in place)
+    and saves the merged model as every run does.
+    """
     from helpers.plots import plot_losses, save_loss_plot  # matplotlib: only when needed
 
     out = settings.output_dir
     model_file = out / finetuned_path(settings.model).name
     meta = {"base_model": settings.model, "weights": f"{built.weights}, fine-tuned",
-            "prompt_style": settings.style, "mask_prompt": settings.mask_prompt}  # fmt: skip
+            "prompt_style": settings.style, "mask_prompt": settings.mask_prompt,
+            "chapter_compat": settings.chapter_compat}  # fmt: skip
+    lora = _write_adapters(settings, built, out / ADAPTERS_NAME, meta)
+    if lora:
+        meta |= {"weights": f"{built.weights}, LoRA fine-tuned (merged)", "lora": lora}
     save_model(built.model, model_file, metadata=meta)
     with atomic_path(out / HISTORY_NAME) as tmp:
         history.to_csv(tmp, index=False)
@@ -170,49 +204,32 @@ def write(
         built.model, loaded.test_entries, out / RESPONSES_NAME, model_name=settings.model,
         checkpoint=model_file.name, style=settings.style, max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size, progress=settings.progress,
+        chapter_compat=settings.chapter_compat,
         extra_metadata={"weights": meta["weights"], "description": built.label,
                         "mask_prompt": settings.mask_prompt},
     )  # fmt: skip
     files = [*plot_files, out / RESPONSES_NAME, model_file, out / HISTORY_NAME]
-    summary = _summary(settings, loaded, built, history, sorted(p.name for p in files))
+    files += [out / lora["adapters"]] if lora else []
+    summary = summarize(settings, loaded, built, history, sorted(p.name for p in files), lora)
     summary["total_minutes"] = round((time.perf_counter() - started) / 60, 3)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _summary(
-    settings: FinetuneSettings, loaded: Loaded, built: Built, history: pd.DataFrame, files: list
-) -> dict[str, Any]:
-    has = bool(len(history))
-    best = history["val_loss"].idxmin() if has and history["val_loss"].notna().any() else None
-    last = history.iloc[-1] if has else None
-    run_settings = {k: v for k, v in asdict(settings).items() if k not in ("train", "progress")}
-    return {
-        "model": built.label,
-        "device": str(built.device),
-        "entries": {
-            "train": len(loaded.splits.train),
-            "validation": len(loaded.splits.validation),
-            "test": len(loaded.test_entries),
-        },  # fmt: skip
-        "initial_loss": built.initial_loss,
-        "final_loss": {"train": float(last["train_loss"]), "validation": float(last["val_loss"])}
-        if last is not None
-        else None,  # fmt: skip
-        "best_validation": {
-            "step": int(history["step"][best]),
-            "loss": float(history["val_loss"][best]),
-        }
-        if best is not None
-        else None,  # fmt: skip
-        "stopped_early": history.attrs.get("stopped_early", False),
-        "steps": int(last["step"]) + 1 if last is not None else 0,
-        "training_minutes": round(history.attrs.get("training_minutes", 0.0), 3),
-        "checkpoint_error": history.attrs.get("checkpoint_error"),
-        # Run options and hyper-parameters in one flat table (output_dir as text).
-        "settings": json.loads(json.dumps({**run_settings, **asdict(settings.train)}, default=str)),
-        "files": files,
-    }
+def _write_adapters(
+    settings: FinetuneSettings, built: Built, path: Path, meta: dict
+) -> dict | None:
+    """A LoRA run's adapters into `path`, then merged into the model; their settings (or None)."""
+    lora = lora_settings(built.model)
+    if lora is None:
+        return None
+    extra = {k: meta[k] for k in ("base_model", "prompt_style", "mask_prompt", "chapter_compat")}
+    extra["base_weights"] = built.weights
+    if built.weights == "random init":  # the base these adapters fit: the same seeded init
+        extra["base_seed"] = settings.train.seed
+    save_lora_adapters(built.model, path, metadata=extra)
+    merge_lora(built.model)  # a plain GPTModel again: save_model, review and serve load it
+    return {**lora, "adapters": path.name}
 
 
 def run(settings: FinetuneSettings) -> dict:
@@ -222,26 +239,8 @@ def run(settings: FinetuneSettings) -> dict:
     built = build(settings, loaded)
     history = fit(settings, loaded, built)
     summary = write(settings, loaded, built, history, started=start)
-    _print_summary(summary, settings.output_dir)
+    print_summary(summary, settings.output_dir)
     return summary
-
-
-def _print_summary(summary: dict, out: Path) -> None:
-    print("\n=== Fine-tuning summary ===")
-    print(f"Model:          {summary['model']}")
-    init, final = summary["initial_loss"], summary["final_loss"]
-    if final:
-        print(f"Train loss:     {init['train']:.3f} -> {final['train']:.3f}")
-        print(f"Val loss:       {init['validation']:.3f} -> {final['validation']:.3f}")
-    if summary["best_validation"]:
-        b = summary["best_validation"]
-        stopped = " (stopped early)" if summary["stopped_early"] else ""
-        print(f"Best val loss:  {b['loss']:.3f} at step {b['step']}{stopped}")
-    print(f"Training time:  {summary['training_minutes']:.2f} min "
-          f"(total {summary['total_minutes']:.2f} min)")  # fmt: skip
-    print(f"Output folder:  {out}")
-    for name in summary["files"]:
-        print(f"  - {name}")
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:

@@ -7,9 +7,11 @@ import json
 import pandas as pd
 import pytest
 
+from helpers.cli import build_parser, settings_from_args
+from helpers.config import TINY_RUN_DEFAULTS, get_config
 from helpers.finetune import main
 from helpers.responses import load_responses
-from helpers.weights import load_model
+from helpers.weights import load_model, read_metadata
 
 
 def _args(data_path, out, *extra: str) -> list[str]:
@@ -44,11 +46,11 @@ def test_tiny_run_writes_every_artifact_and_resumes(chapter_data_path, tmp_path,
     assert meta["model"] == "tiny" and meta["prompt_style"] == "alpaca" and meta["mask_prompt"]
     assert meta["generation"]["max_new_tokens"] == 8 and meta["generation"]["decoding"] == "greedy"
     assert meta["checkpoint"] == "tiny-sft.safetensors"
-    assert load_model(out / "tiny-sft.safetensors").cfg.emb_dim == 64
+    assert load_model(out / "tiny-sft.safetensors").cfg == get_config("tiny")
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["entries"] == {"train": 34, "validation": 2, "test": 4}
-    assert summary["settings"]["lr"] == 1e-3  # tiny mode's documented default
+    assert summary["settings"]["lr"] == TINY_RUN_DEFAULTS.lr  # tiny mode's documented default
 
     # A second epoch from the checkpoint continues the same history.
     assert main(_args(chapter_data_path, out, "--mask-prompt", "--epochs", "2", "--resume")) == 0
@@ -79,3 +81,38 @@ def test_run_level_errors_are_clear(chapter_data_path, tmp_path, capsys):
     assert "--resume: no checkpoint" in capsys.readouterr().err
     assert main(_args(chapter_data_path, tmp_path / "small", "--limit", "5")) == 2
     assert "raise --limit" in capsys.readouterr().err
+
+
+def test_chapter_compat_run_is_chapter_faithful_end_to_end(chapter_data_path, tmp_path):
+    out = tmp_path / "compat"
+    extra = ("--chapter-compat", "--test-limit", "1", "--eval-freq", "4")
+    assert main(_args(chapter_data_path, out, *extra)) == 0
+    model_file = out / "tiny-sft.safetensors"
+    assert load_model(model_file).tied is False  # the chapter's separate out_head
+    assert read_metadata(model_file)["chapter_compat"] == "true"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chapter_compat"] is True and summary["settings"]["chapter_compat"] is True
+    assert summary["parameters"]["trainable"] == summary["parameters"]["total"]  # full fine-tuning
+    assert summary["lora"] is None
+    responses = load_responses(out / "instruction-data-with-response.json")
+    assert responses.metadata["generation"]["chapter_compat"] is True
+
+
+def test_chapter_compat_defaults_to_the_environment(monkeypatch, capsys):
+    def compat(*extra: str) -> bool:
+        return settings_from_args(
+            build_parser().parse_args(["--model", "tiny", *extra])
+        ).chapter_compat
+
+    monkeypatch.delenv("COURSE_CHAPTER_COMPAT", raising=False)
+    assert compat() is False and compat("--chapter-compat") is True
+    monkeypatch.setenv("COURSE_CHAPTER_COMPAT", "1")
+    assert compat() is True and compat("--no-chapter-compat") is False
+    for extra, source in [
+        ([], "$COURSE_CHAPTER_COMPAT"),
+        (["--chapter-compat"], "--chapter-compat"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--model", "tiny", "--grouped", *extra])
+        assert exc.value.code == 2
+        assert f"error: {source} contradicts --grouped" in capsys.readouterr().err
