@@ -158,7 +158,9 @@ def test_resume_refuses_other_settings_and_other_data(chapter_data_path, tmp_pat
     assert finetune.main(_args(chapter_data_path, out)) == 0
     capsys.readouterr()
     assert finetune.main(_args(chapter_data_path, out, "--resume", "--lr", "0.05")) == 2
-    _one_line_error(capsys, "hyper-parameters changed: lr 0.05 (checkpoint: 0.001)")
+    _one_line_error(
+        capsys, f"hyper-parameters changed: lr 0.05 (checkpoint: {TINY_RUN_DEFAULTS.lr:g})"
+    )
 
     entries = json.loads(chapter_data_path.read_text(encoding="utf-8"))[:40]
     entries[0]["output"] += " (edited)"  # same size, different data
