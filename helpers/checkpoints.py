@@ -251,6 +251,18 @@ def _weights_mismatch(saved: dict[str, torch.Tensor], model: torch.nn.Module) ->
     return None
 
 
+def _parameters_mismatch(optimizer_state: dict, model: torch.nn.Module) -> str | None:
+    # A tied and an untied head have the same state-dict keys but not the same parameters.
+    saved = sum(len(group["params"]) for group in optimizer_state.get("param_groups", []))
+    mine = len(list(model.parameters()))
+    if saved == mine:
+        return None
+    return (
+        f"it trained {saved} parameter tensors, this model has {mine} (tied vs untied output "
+        "head, i.e. chapter-faithful mode switched?)"
+    )
+
+
 def check_resumable(
     checkpoint: Checkpoint,
     *,
@@ -277,7 +289,9 @@ def check_resumable(
             "examples, or their batch size, prompt masking or max length; fingerprint "
             f"{data_fingerprint}, checkpoint {checkpoint.data_fingerprint})"
         )
-    mismatch = _weights_mismatch(checkpoint.model, model)
+    mismatch = _weights_mismatch(checkpoint.model, model) or _parameters_mismatch(
+        checkpoint.optimizer, model
+    )
     if mismatch:
         raise CheckpointError(
             f"cannot resume: the checkpoint's weights do not fit the model: {mismatch}"

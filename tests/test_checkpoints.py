@@ -101,3 +101,30 @@ def test_bad_files_give_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_resume_into_a_differently_tied_head_is_refused(tiny_config, tmp_path):
+    """Tied and untied heads share state-dict keys; the resume check still tells them apart."""
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from helpers.checkpoints import CheckpointError
+    from helpers.train import RunOptions, train
+
+    cfg = replace(tiny_config, context_length=16, emb_dim=16, n_layers=1)
+    inputs = torch.randint(0, 50, (8, 10), generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(inputs, (inputs + 1) % 50)
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=4, shuffle=True,
+                          generator=torch.Generator().manual_seed(1))  # fmt: skip
+
+    config = TrainConfig(num_epochs=1, eval_freq=1, eval_iter=1)
+    options = RunOptions(checkpoint_dir=str(tmp_path), progress=False, log_evals=False)
+    torch.manual_seed(0)
+    train(GPTModel(cfg), loader(), loader(), config=config, options=options)
+    untied = GPTModel(replace(cfg, tie_embeddings=False))
+    with pytest.raises(CheckpointError, match="tied vs untied output head"):
+        train(untied, loader(), loader(), config=replace(config, num_epochs=2), options=options,
+              resume_from=tmp_path)  # fmt: skip
