@@ -23,6 +23,8 @@ def print_sample(
     entry: Mapping[str, str],
     style: str = "alpaca",
     max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
+    *,
+    chapter_compat: bool = False,
 ) -> str:
     """Greedy response of `model` to `entry`, printed on one line as the chapter does."""
     with eval_mode(model):
@@ -32,6 +34,7 @@ def print_sample(
             style=style,
             max_new_tokens=max_new_tokens,
             progress=False,
+            chapter_compat=chapter_compat,
         )[0]
     print("Sample response:", text.replace("\n", " "))
     return text
@@ -42,10 +45,11 @@ def sample_printer(
     *,
     style: str = "alpaca",
     max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
+    chapter_compat: bool = False,
 ) -> Callable[[torch.nn.Module, int], str]:
     """An `on_epoch_end(model, epoch)` callback that prints the model's response to `entry`."""
 
     def on_epoch_end(model: torch.nn.Module, epoch: int) -> str:
-        return print_sample(model, entry, style, max_new_tokens)
+        return print_sample(model, entry, style, max_new_tokens, chapter_compat=chapter_compat)
 
     return on_epoch_end

@@ -170,6 +170,7 @@ def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFram
             loaded.splits.validation[0],
             style=settings.style,
             max_new_tokens=settings.sample_max_new_tokens,
+            chapter_compat=settings.chapter_compat,
         ),  # fmt: skip
     )
     history.attrs["training_minutes"] = (time.perf_counter() - start) / 60
