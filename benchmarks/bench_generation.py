@@ -15,6 +15,13 @@ figures are rates, so they stay comparable.
 
     python benchmarks/bench_generation.py            # 128 new tokens (the issue's target)
     python benchmarks/bench_generation.py --quick    # a smoke run in well under a minute
+    python benchmarks/bench_generation.py --device cuda          # fp32 on a GPU
+    python benchmarks/bench_generation.py --device cuda --bf16   # both models in bfloat16
+
+`--bf16` converts both models' weights to bfloat16 (same device, same batches), so the
+course/transformers ratio compares like with like. In bf16 the two implementations round
+differently and greedy outputs may part ways after a near-tie: the share of identical
+outputs (prompts and tokens) is reported instead of being required.
 """
 
 from __future__ import annotations
@@ -44,18 +51,33 @@ def batches(prompts: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], list[list[int]]]) -> tuple[list[list[int]], float, float]:
     """Result, wall-clock seconds and CPU seconds (all threads of this process) of `fn()`."""
+    _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
+    _sync()  # the outputs are lists (already on the host); this only makes sure
     return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def same_share(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
+    """Outputs identical in full, and the share of identical tokens position by position."""
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    tokens = sum(len(x) for x in a)
+    equal = sum(p == q for x, y in zip(a, b, strict=True) for p, q in zip(x, y, strict=False))
+    return same, equal / max(tokens, 1)
 
 
 def hf_generate(hf, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate on a left-padded batch; new tokens only."""
     width = max(len(p) for p in batch)
-    ids = torch.tensor([[EOS_ID] * (width - len(p)) + p for p in batch])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    ids = torch.tensor([[EOS_ID] * (width - len(p)) + p for p in batch], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=hf.device)
     with torch.inference_mode():
         out = hf.generate(
             ids,
@@ -83,7 +105,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--bf16", action="store_true", help="both models in bfloat16")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     new_tokens = args.new_tokens or (16 if args.quick else 128)
     n_single = args.single_prompts or (2 if args.quick else 4)
@@ -93,16 +119,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = random_model(args.model)
+    hf = None if args.no_transformers else build_transformers_twin(model)  # fp32 weights copied
+    model.to(device=device, dtype=dtype)
+    if hf is not None:
+        hf.to(device=device, dtype=dtype)
     lengths = [len(p) for p in prompts]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"model: {args.model} config, random init | {torch.get_num_threads()} CPU threads | "
-        f"torch {torch.__version__}\n"
+        f"model: {args.model} config, random init | {where}, {str(dtype).split('.')[-1]} | "
+        f"{torch.get_num_threads()} CPU threads | torch {torch.__version__}\n"
         f"{len(prompts)} test-split prompts ({min(lengths)}-{max(lengths)} tokens), "
         f"{new_tokens} new tokens each, greedy, batch size {args.batch_size}\n"
     )
     generate_batch(model, prompts[:2], 2, eos_id=None)  # warm-up (allocator, kernels)
-
-    hf = None if args.no_transformers else build_transformers_twin(model)
     if hf is not None:
         hf_generate(hf, prompts[:2], 2)  # warm-up
     groups = batches(prompts, args.batch_size)
@@ -157,16 +186,25 @@ def main() -> None:
     print("\nspeed-up over the uncached one-by-one loop (wall / CPU):")
     for name, rate in results.items():
         print(f"  {name:<24} {rate / base:6.1f}x {per_cpu[name] / base_cpu:6.1f}x")
-    # Cached and uncached greedy decoding must agree token for token.
-    assert outputs["cached, one by one"] == outputs["uncached, one by one"]
+    # Cached and uncached greedy decoding agree token for token in fp32 on the CPU (tested);
+    # on a GPU or in bf16 different kernels may break a near-tie differently: reported.
+    same, tokens = same_share(outputs["cached, one by one"], outputs["uncached, one by one"])
+    print(f"cached vs uncached one by one: {same}/{len(singles)} identical ({tokens:.1%} tokens)")
+    if device.type == "cpu" and not args.bf16:
+        assert same == len(singles), "cached and uncached greedy outputs differ"
     targets = f"cached batched >= 10x uncached one-by-one: {results['cached, batched'] / base:.1f}x"
     if hf is not None:
         ratio = results["cached, batched"] / results["transformers, batched"]
         ratio_cpu = per_cpu["cached, batched"] / per_cpu["transformers, batched"]
-        pairs = zip(outputs["cached, batched"], outputs["transformers, batched"], strict=True)
-        same = sum(a == b for a, b in pairs)
-        print(f"\ncached batched vs transformers batched: {ratio:.2f}x (CPU: {ratio_cpu:.2f}x)")
-        print(f"identical greedy outputs vs transformers: {same}/{len(prompts)} prompts")
+        same, tokens = same_share(outputs["cached, batched"], outputs["transformers, batched"])
+        print(
+            f"\ncached batched vs transformers batched, same device/dtype/batches: {ratio:.2f}x "
+            f"(per CPU-second: {ratio_cpu:.2f}x)"
+        )
+        print(
+            f"identical greedy outputs vs transformers: {same}/{len(prompts)} prompts "
+            f"({tokens:.1%} of tokens)"
+        )
         targets += f"; not slower than transformers: {ratio:.2f}x"
     print(f"\ntargets: {targets}")
 
