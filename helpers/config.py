@@ -135,7 +135,7 @@ TINY_RUN_DEFAULTS = RunDefaults(
     limit=None,
     lr=5e-3,
     num_epochs=1,
-    max_new_tokens=64,
+    max_new_tokens=40,
     sample_max_new_tokens=35,
     schedule="cosine",
     warmup_steps=10,
@@ -144,7 +144,7 @@ TINY_RUN_DEFAULTS = RunDefaults(
     overfit_limit=8,
     overfit_epochs=60,
     overfit_lr=5e-3,
-    demo_limit=160,
+    demo_limit=80,
 )
 
 
