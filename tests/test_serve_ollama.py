@@ -91,7 +91,7 @@ def test_the_chapters_query_model_runs_unchanged(server):
     room = min(DEFAULT_MAX_TOKENS, 128 - n_prompt)  # num_ctx 2048 is capped at 128
     expected = generate_responses(server.model, [ENTRY], max_new_tokens=room, progress=False)
     assert answer == expected[0]
-    judge = ollama_client("tiny-test", server.url)
+    judge = ollama_client("tiny-test", server.url, max_tokens=None)  # no num_predict, as above
     assert judge.is_available()
     assert judge.chat(PROMPT) == answer
 
