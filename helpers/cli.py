@@ -53,6 +53,7 @@ class FinetuneSettings:
     test_limit: int | None = None
     device: str | None = None
     progress: bool = True
+    eval_batched: bool = False  # RunOptions.eval_batched: same losses, fewer forward passes
     # LoRA (appendix E, exercise 7.4): None trains every weight. alpha None: equal to the rank.
     lora_rank: int | None = None
     lora_alpha: float | None = None
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer only the first N test entries")  # fmt: skip
     run.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--eval-batched", action="store_true",
+                     help="each evaluation in one forward pass per split (same losses; "
+                     "faster on a GPU, more memory)")  # fmt: skip
     run.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
     return p
 
@@ -268,6 +272,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         test_limit=args.test_limit,
         device=args.device,
         progress=not args.quiet,
+        eval_batched=args.eval_batched,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_targets=tuple(dict.fromkeys(args.lora_targets or LORA_TARGETS)),

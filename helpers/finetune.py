@@ -156,6 +156,7 @@ def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFram
         checkpoint_every=settings.checkpoint_every,
         checkpoint_minutes=settings.checkpoint_minutes,
         progress=settings.progress,
+        eval_batched=settings.eval_batched,
     )
     start = time.perf_counter()
     history = train(

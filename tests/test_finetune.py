@@ -116,3 +116,32 @@ def test_chapter_compat_defaults_to_the_environment(monkeypatch, capsys):
             main(["--model", "tiny", "--grouped", *extra])
         assert exc.value.code == 2
         assert f"error: {source} contradicts --grouped" in capsys.readouterr().err
+
+
+def test_eval_batched_reaches_the_training_loop(monkeypatch, tmp_path):
+    """--eval-batched is a run option: it must arrive in train()'s RunOptions, not vanish."""
+    import helpers.finetune as finetune
+
+    seen = {}
+
+    def fake_train(model, train_loader, val_loader, *, options, **kw):
+        seen["options"] = options
+        return pd.DataFrame(columns=["step", "epoch", "tokens_seen", "train_loss", "val_loss"])
+
+    monkeypatch.setattr(finetune, "train", fake_train)
+    for flags, expected in (([], False), (["--eval-batched"], True)):
+        settings = settings_from_args(
+            build_parser().parse_args(["--model", "tiny", "--output-dir", str(tmp_path), *flags])
+        )
+        finetune.fit(settings, loaded=_FakeLoaded(), built=_FakeBuilt())
+        assert seen["options"].eval_batched is expected
+
+
+class _FakeLoaded:
+    loaders = type("L", (), {"train": None, "validation": None})()
+    splits = type("S", (), {"validation": [{"instruction": "x", "input": "", "output": "y"}]})()
+
+
+class _FakeBuilt:
+    model = None
+    device = "cpu"
