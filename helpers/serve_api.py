@@ -166,8 +166,9 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
 
 
-def _check_unsupported(body: dict[str, Any]) -> None:
-    for name, neutral in UNSUPPORTED.items():
+def check_unsupported(body: dict[str, Any], unsupported: dict[str, Any] = UNSUPPORTED) -> None:
+    """A 400 for each field of `unsupported` given with other than its neutral value(s)."""
+    for name, neutral in unsupported.items():
         value = body.get(name)
         if value is not None and not _is_neutral(value, neutral):
             raise RequestError(
@@ -185,7 +186,7 @@ def parse_chat_request(body: Any, *, vocab_size: int) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(f"model must be a string, got {model!r}", param="model")
-    _check_unsupported(body)
+    check_unsupported(body)
     if _integer(body, "n", 1, None, 1) != 1:
         raise RequestError("n must be 1: this server returns one choice per request", param="n")
     # max_completion_tokens is the newer name of max_tokens; either may be given.

@@ -41,6 +41,7 @@ from helpers.serve_api import (
     _integer,
     _is_neutral,
     _temperature,
+    check_unsupported,
 )
 from helpers.serve_stream import ResponseText
 
@@ -127,14 +128,7 @@ def _check_fields(body: dict[str, Any]) -> None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(f"model must be a string, got {model!r}", param="model")
-    for name, neutral in UNSUPPORTED_FIELDS.items():
-        value = body.get(name)
-        if value is not None and not _is_neutral(value, neutral):
-            raise RequestError(
-                f"{name} is not supported by this server (got {value!r})",
-                param=name,
-                code="unsupported_parameter",
-            )
+    check_unsupported(body, UNSUPPORTED_FIELDS)
 
 
 def parse_ollama_request(body: Any, *, vocab_size: int) -> OllamaRequest:
