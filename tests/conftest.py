@@ -49,3 +49,22 @@ def tiny_config():
     from helpers.config import get_config
 
     return get_config("tiny", context_length=128, emb_dim=32, n_heads=2, n_layers=2)
+
+
+@pytest.fixture
+def nan_after():
+    """A wrapper model whose logits turn NaN after `calls` training forward passes."""
+    import torch
+
+    class NaNAfter(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, calls: int) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, calls
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                self.calls -= 1
+            logits = self.inner(x)
+            return logits * float("nan") if self.calls < 0 else logits
+
+    return NaNAfter

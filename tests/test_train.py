@@ -230,19 +230,8 @@ def test_early_stopping_fires_and_restores_best_weights(tiny_config):
         assert torch.equal(value, snapshots[best][name]), name
 
 
-def test_nan_loss_names_the_step(tiny_config):
-    class NaNAfter(torch.nn.Module):
-        def __init__(self, inner, calls):
-            super().__init__()
-            self.inner, self.calls = inner, calls
-
-        def forward(self, x):
-            if self.training:
-                self.calls -= 1
-            logits = self.inner(x)
-            return logits * float("nan") if self.calls < 0 else logits
-
-    model = NaNAfter(_model(tiny_config), calls=3)  # the 4th training batch turns NaN
+def test_nan_loss_names_the_step(tiny_config, nan_after):
+    model = nan_after(_model(tiny_config), calls=3)  # the 4th training batch turns NaN
     cfg = TrainConfig(num_epochs=1, eval_freq=100)
     with pytest.raises(FloatingPointError, match=r"at step 3 \(epoch 1, batch 4\)"):
         train(model, _loader(1, shuffle=True), _loader(1, shuffle=False), config=cfg, options=QUIET)

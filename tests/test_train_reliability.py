@@ -137,19 +137,8 @@ def test_nan_weights_are_never_checkpointed(small_config, tmp_path):
     assert not (tmp_path / "c.pt").exists()
 
 
-def test_a_nan_step_stops_before_its_checkpoint(small_config, tmp_path):
-    class NaNAfter(torch.nn.Module):
-        def __init__(self, inner, calls):
-            super().__init__()
-            self.inner, self.calls = inner, calls
-
-        def forward(self, x):
-            if self.training:
-                self.calls -= 1
-            logits = self.inner(x)
-            return logits * float("nan") if self.calls < 0 else logits
-
-    model = NaNAfter(_model(small_config), calls=2)  # the 3rd training batch turns NaN
+def test_a_nan_step_stops_before_its_checkpoint(small_config, tmp_path, nan_after):
+    model = nan_after(_model(small_config), calls=2)  # the 3rd training batch turns NaN
     cfg = TrainConfig(num_epochs=1, eval_freq=100)
     with pytest.raises(
         FloatingPointError, match=r"training loss is nan at step 2 \(epoch 1, batch 3\)"
