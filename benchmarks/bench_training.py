@@ -40,8 +40,8 @@ from helpers.batching import loader_generators, make_loaders
 from helpers.config import get_config
 from helpers.data import load_instruction_data, split_data
 from helpers.model import GPTModel
+from helpers.run.train_extensions import autocast
 from helpers.train import calc_loss_batch, evaluate_model
-from helpers.train_extensions import autocast
 from helpers.weights import to_hf_state_dict
 
 CHAPTER_A100_MINUTES = 0.86  # the book's gpt2-medium run (2 epochs) on an A100
@@ -138,7 +138,8 @@ def _sync(dev: torch.device) -> None:
 def full_chapter(device: str, preset: str, bf16: bool, eval_batched: bool) -> None:
     """Time the chapter's complete fine-tuning run (random weights) and compare with the book."""
     import helpers.train as train_module
-    from helpers.train import RunOptions, TrainConfig, train
+    from helpers.run.train_config import RunOptions, TrainConfig
+    from helpers.train import train
 
     dev = torch.device(device)
     loaders = make_loaders(split_data(load_instruction_data()), batch_size=8, device=dev)

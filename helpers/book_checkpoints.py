@@ -19,7 +19,7 @@ import torch
 from helpers.atomic import atomic_path
 from helpers.config import GPTConfig, get_config
 from helpers.model import GPTModel
-from helpers.weight_checks import (
+from helpers.weights import (
     LAYER_KEY,
     TIED_KEY,
     CheckpointFileError,

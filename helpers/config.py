@@ -104,7 +104,7 @@ class RunDefaults:
     """Run settings that depend on the model: the chapter's, or the tiny preset's.
 
     Fields named like `TrainConfig` fields (lr, num_epochs, schedule, warmup_steps) are that
-    config's defaults for the preset (`helpers.train_config.preset_train_config`).
+    config's defaults for the preset (`helpers.run.train_config.preset_train_config`).
     """
 
     limit: int | None  # use only the first N dataset entries (None: all)

@@ -74,7 +74,7 @@ def download_file(
                 total = int(response.headers.get("Content-Length") or 0) or None
                 bar = None
                 if progress:
-                    from helpers.progress import tqdm  # the notebook-friendly bar
+                    from helpers.widgets.progress import tqdm
 
                     bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name)
                 try:

@@ -7,7 +7,7 @@ plot, test-split responses, summary.json), all into one output folder. A LoRA ru
 adapters, then merges them and saves the merged model like any run, so every tool that loads
 `<model>-sft.safetensors` works unchanged. `--chapter-compat` is chapter-faithful mode end to
 end (untied head, the chapter's shuffling and test prompts). `main` is the command line
-(options in helpers.cli): expected errors print one line and exit with code 2.
+(options in helpers.run.cli): expected errors print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -16,24 +16,37 @@ import json
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
 
 from helpers.atomic import atomic_path, atomic_write_text
 from helpers.batching import Loaders, make_loaders
-from helpers.checkpoints import CheckpointError, checkpoint_bytes, checkpoint_path, weights_bytes
-from helpers.cli import FinetuneSettings, build_parser, settings_from_args
 from helpers.config import is_pretrained_preset
 from helpers.data import DatasetError, DataSplits, DownloadError, load_instruction_data, split_data
-from helpers.epoch_sample import sample_printer
 from helpers.generate import generate_test_responses
-from helpers.lora import apply_lora, count_parameters, lora_settings, merge_lora, parameter_report
-from helpers.lora_adapters import save_lora_adapters
+from helpers.lora.adapters import save_lora_adapters
+from helpers.lora.layers import (
+    apply_lora,
+    count_parameters,
+    lora_settings,
+    merge_lora,
+    parameter_report,
+)
 from helpers.model import GPTModel
-from helpers.run_summary import print_summary, summarize
+from helpers.run.checkpoints import (
+    CheckpointError,
+    checkpoint_bytes,
+    checkpoint_path,
+    weights_bytes,
+)
+from helpers.run.cli import FinetuneSettings, build_parser, settings_from_args
+from helpers.run.epoch_sample import sample_printer
+from helpers.run.train_config import RunOptions
+from helpers.run.train_extensions import TrainingInterrupted
 from helpers.runtime import (
     OutputDirError,
     check_output_dir,
@@ -41,7 +54,7 @@ from helpers.runtime import (
     finetuned_path,
     get_device,
 )
-from helpers.train import RunOptions, TrainingInterrupted, calc_loss_loader, train
+from helpers.train import calc_loss_loader, train
 from helpers.weights import (
     CheckpointFileError,
     CheckpointMismatchError,
@@ -187,7 +200,7 @@ def write(
     A LoRA run first writes its adapters (small), then merges them into the model (in place)
     and saves the merged model as every run does.
     """
-    from helpers.plots import plot_losses, save_loss_plot  # matplotlib: only when needed
+    from helpers.plots import plot_losses, save_loss_plot
 
     out = settings.output_dir
     model_file = out / finetuned_path(settings.model).name
@@ -232,6 +245,80 @@ def _write_adapters(
     save_lora_adapters(built.model, path, metadata=extra)
     merge_lora(built.model)  # a plain GPTModel again: save_model, review and serve load it
     return {**lora, "adapters": path.name}
+
+
+# --- summary.json: what the run did, and its printed summary ---
+
+
+def summarize(
+    settings: FinetuneSettings,
+    loaded: Loaded,
+    built: Built,
+    history: pd.DataFrame,
+    files: list[str],
+    lora: dict | None = None,
+) -> dict[str, Any]:
+    """summary.json's content (without total_minutes, which the caller adds last).
+
+    `lora`: the LoRA settings and adapter file name of a LoRA run (None: full fine-tuning).
+    """
+    has = bool(len(history))
+    best = history["val_loss"].idxmin() if has and history["val_loss"].notna().any() else None
+    last = history.iloc[-1] if has else None
+    run_settings = {k: v for k, v in asdict(settings).items() if k not in ("train", "progress")}
+    trainable, total = built.parameters
+    return {
+        "model": built.label,
+        "device": str(built.device),
+        "chapter_compat": settings.chapter_compat,
+        "parameters": {"trainable": trainable, "total": total},
+        "lora": lora,
+        "entries": {
+            "train": len(loaded.splits.train),
+            "validation": len(loaded.splits.validation),
+            "test": len(loaded.test_entries),
+        },  # fmt: skip
+        "initial_loss": built.initial_loss,
+        "final_loss": {"train": float(last["train_loss"]), "validation": float(last["val_loss"])}
+        if last is not None
+        else None,  # fmt: skip
+        "best_validation": {
+            "step": int(history["step"][best]),
+            "loss": float(history["val_loss"][best]),
+        }
+        if best is not None
+        else None,  # fmt: skip
+        "stopped_early": history.attrs.get("stopped_early", False),
+        "steps": int(last["step"]) + 1 if last is not None else 0,
+        "training_minutes": round(history.attrs.get("training_minutes", 0.0), 3),
+        "checkpoint_error": history.attrs.get("checkpoint_error"),
+        # Run options and hyper-parameters in one flat table (output_dir as text).
+        "settings": json.loads(json.dumps({**run_settings, **asdict(settings.train)}, default=str)),
+        "files": files,
+    }
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The summary's human-readable lines, printed at the end of the run."""
+    print("\n=== Fine-tuning summary ===")
+    print(f"Model:          {summary['model']}")
+    trainable, total = summary["parameters"]["trainable"], summary["parameters"]["total"]
+    lora = summary.get("lora")
+    kind = f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g}" if lora else "full fine-tuning"
+    print(f"Trained:        {trainable:,} of {total:,} parameters ({kind})")
+    init, final = summary["initial_loss"], summary["final_loss"]
+    if final:
+        print(f"Train loss:     {init['train']:.3f} -> {final['train']:.3f}")
+        print(f"Val loss:       {init['validation']:.3f} -> {final['validation']:.3f}")
+    if summary["best_validation"]:
+        b = summary["best_validation"]
+        stopped = " (stopped early)" if summary["stopped_early"] else ""
+        print(f"Best val loss:  {b['loss']:.3f} at step {b['step']}{stopped}")
+    print(f"Training time:  {summary['training_minutes']:.2f} min "
+          f"(total {summary['total_minutes']:.2f} min)")  # fmt: skip
+    print(f"Output folder:  {out}")
+    for name in summary["files"]:
+        print(f"  - {name}")
 
 
 def run(settings: FinetuneSettings) -> dict:

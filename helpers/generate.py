@@ -2,7 +2,7 @@
 
 `generate_responses` answers instruction entries; `generate_test_responses` does the same
 for the test split and records how (model, checkpoint, prompt style, settings) in a
-response file (helpers.responses).
+response file (helpers.review.responses).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from helpers.model import GPTModel, eval_mode
-from helpers.progress import tqdm
 from helpers.prompts import extract_response, format_prompt
-from helpers.responses import RESPONSE_KEY, ResponseSet, save_responses
+from helpers.review.responses import RESPONSE_KEY, ResponseSet, save_responses
 from helpers.tokenizer import EOS_ID, decode, encode
+from helpers.widgets.progress import tqdm
 
 
 def _fit_prompts(
@@ -49,7 +49,7 @@ def _fit_prompts(
 
 
 # Temperatures below this decode greedily: softmax(logits / T) would overflow float32 (NaN
-# probabilities) and is the argmax anyway. The same rule as the server's (helpers.serve_api).
+# probabilities) and is the argmax anyway. The same rule as the server's (helpers.serve.api).
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 

@@ -2,7 +2,7 @@
 
 `GPTModel.new_kv_cache(batch_size)` makes one sized for the model; each forward call with
 `kv_cache=` stores its new positions, so generating a token costs one position, not the
-whole past. Importable from `helpers.model` too.
+whole past.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 
 from helpers.config import GPTConfig
-
-__all__ = ["KVCache"]
 
 
 class KVCache:

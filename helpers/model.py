@@ -2,7 +2,7 @@
 
 Shapes in comments: B batch, T new tokens in this call, S = past + T keys, D emb_dim,
 H heads, Dh = D / H head size, V vocabulary. The KV cache used for generation is
-`helpers.kv_cache.KVCache` (importable from here too).
+`helpers.kv_cache.KVCache`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers.config import GPTConfig
-
-# Re-exported: `from helpers.model import KVCache` is where the course imports it from.
 from helpers.kv_cache import KVCache
 
 

@@ -1,5 +1,5 @@
 """Figures: the chapter's loss curves (epochs below, tokens seen above), marked and live-updating,
-and the bar chart that compares runs' response quality (`helpers.metrics.compare_runs`).
+and the bar chart that compares runs' response quality (`helpers.review.metrics.compare_runs`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 `eval_iter` batches, something to look at after each epoch) plus small named extensions:
 gradient accumulation and clipping, a warmup + cosine schedule, bf16 autocast on CUDA, early
 stopping, NaN checks, and checkpoints for an exact resume (the format lives in
-helpers.checkpoints). Settings come from `TrainConfig` (hyper-parameters) and `RunOptions`
-(progress, logging, checkpoints), both in helpers.train_config.
+helpers.run.checkpoints). Settings come from `TrainConfig` (hyper-parameters) and `RunOptions`
+(progress, logging, checkpoints), both in helpers.run.train_config.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from helpers.batching import IGNORE_INDEX, loader_generators
-from helpers.checkpoints import TrainState
 from helpers.model import eval_mode
-from helpers.progress import tqdm
-from helpers.tokenizer import EOS_ID
-from helpers.train_config import RunOptions, TrainConfig, lr_factor
-from helpers.train_extensions import (
+from helpers.run.checkpoints import TrainState
+from helpers.run.train_config import RunOptions, TrainConfig, lr_factor
+from helpers.run.train_extensions import (
     LossWatch,
     RunCheckpointer,
     StopSignals,
@@ -40,17 +38,8 @@ from helpers.train_extensions import (
     step_due,
     update_early_stopping,
 )
-
-__all__ = [
-    "RunOptions",
-    "TrainConfig",
-    "TrainingInterrupted",
-    "calc_loss_batch",
-    "calc_loss_loader",
-    "evaluate_model",
-    "lr_factor",
-    "train",
-]
+from helpers.tokenizer import EOS_ID
+from helpers.widgets.progress import tqdm
 
 HISTORY_COLUMNS = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"]
 EpochEndCallback = Callable[[torch.nn.Module, int], Any]

@@ -8,18 +8,17 @@ import warnings
 import pytest
 import torch
 
-import helpers.batching as batching
-import helpers.padding as padding
 from helpers.batching import (
     InstructionDataset,
+    LengthGroupedBatchSampler,
     Loaders,
     TokenizedExample,
     collate_fn,
     make_loaders,
+    padding_share,
     tokenize_example,
 )
 from helpers.data import split_data
-from helpers.padding import LengthGroupedBatchSampler, padding_share
 from helpers.prompts import PromptStyle, format_example, format_prompt
 from helpers.tokenizer import encode
 
@@ -347,11 +346,6 @@ def test_padding_share_of_a_plain_dataset_without_lengths():
     loader = torch.utils.data.DataLoader(Ids(), batch_size=2, collate_fn=collate_fn)
     # Batches [3, 1] and [2, 4] ids: widths 3 and 4, padding 2 + 2 of 14 positions.
     assert padding_share(loader) == pytest.approx(4 / 14)
-
-
-def test_padding_names_stay_importable_from_batching():
-    for name in ("LengthGroupedBatchSampler", "loader_generators", "padding_share"):
-        assert getattr(batching, name) is getattr(padding, name)
 
 
 def test_dataset_and_loaders_accept_a_prompt_style_object(chapter_data, splits):

@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers.book_checkpoints import load_book_checkpoint, save_book_checkpoint
 from helpers.config import GPTConfig
-from helpers.weight_checks import CheckpointFileError, CheckpointMismatchError
+from helpers.weights import CheckpointFileError, CheckpointMismatchError
 
 # --- the book's model, as in the chapter's previous_chapters.py ---------------------------
 

@@ -3,7 +3,7 @@
 Starts JupyterLab headless on 127.0.0.1 (serving a temporary copy of notebook 02), opens it in
 headless Chromium via selenium, runs it with the menu's Run > Run All Cells, then moves the
 inspector's "example" slider with the keyboard and with its editable readout, and checks each
-time that the rendered table is exactly what `helpers.inspector.token_rows` gives for that
+time that the rendered table is exactly what `helpers.widgets.inspector.token_rows` gives for that
 example. Screenshots go to $BROWSER_ARTIFACTS (default: a temp folder, printed).
 
 Needs /usr/bin/chromium, /usr/bin/chromedriver and selenium (`.ci/browser-deps.sh`); skipped
@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_support import chromium, jupyterlab, missing_browser, wait_for
 
 from helpers.data import load_instruction_data, split_data
-from helpers.inspector import token_rows
+from helpers.widgets.inspector import token_rows
+from tests.browser_support import chromium, jupyterlab, missing_browser, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "02_batching_and_masking.ipynb"

@@ -10,7 +10,8 @@ import torch
 from helpers.batching import loader_generators, make_loaders
 from helpers.data import split_data
 from helpers.model import GPTModel
-from helpers.train import RunOptions, TrainConfig, calc_loss_loader, evaluate_model, train
+from helpers.run.train_config import RunOptions, TrainConfig
+from helpers.train import calc_loss_loader, evaluate_model, train
 
 
 def _model(cfg, seed: int = 1) -> GPTModel:

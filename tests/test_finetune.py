@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from helpers.cli import build_parser, settings_from_args
 from helpers.config import TINY_RUN_DEFAULTS, get_config
 from helpers.finetune import main
-from helpers.responses import load_responses
+from helpers.review.responses import load_responses
+from helpers.run.cli import build_parser, settings_from_args
 from helpers.weights import load_model, read_metadata
 
 

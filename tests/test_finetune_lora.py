@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.cli import LORA_TARGETS, FinetuneSettings, build_parser, settings_from_args
 from helpers.finetune import ADAPTERS_NAME, main
-from helpers.lora import count_parameters, merge_lora
-from helpers.lora_adapters import load_lora_adapters
-from helpers.responses import load_responses
-from helpers.train_config import TrainConfig
+from helpers.lora.adapters import load_lora_adapters
+from helpers.lora.layers import count_parameters, merge_lora
+from helpers.review.responses import load_responses
+from helpers.run.cli import LORA_TARGETS, FinetuneSettings, build_parser, settings_from_args
+from helpers.run.train_config import TrainConfig
 from helpers.weights import load_model, random_model, read_metadata
 
 

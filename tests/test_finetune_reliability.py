@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import helpers.finetune as finetune
-from helpers.checkpoints import load_checkpoint
-from helpers.cli import DEFAULT_CHECKPOINT_MINUTES, build_parser, settings_from_args
 from helpers.config import TINY_RUN_DEFAULTS, run_defaults
-from helpers.train import TrainConfig, TrainingInterrupted
+from helpers.run.checkpoints import load_checkpoint
+from helpers.run.cli import DEFAULT_CHECKPOINT_MINUTES, build_parser, settings_from_args
+from helpers.run.train_config import TrainConfig
+from helpers.run.train_extensions import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,12 +139,12 @@ def test_interrupt_before_any_checkpoint_does_not_suggest_resume(
 
 
 def test_failed_checkpoint_still_writes_the_model(chapter_data_path, tmp_path, capsys, monkeypatch):
-    import helpers.checkpoints
+    import helpers.run.checkpoints
 
     def full_disk(obj, path):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(helpers.checkpoints.torch, "save", full_disk)
+    monkeypatch.setattr(helpers.run.checkpoints.torch, "save", full_disk)
     out = tmp_path / "run"
     assert finetune.main(_args(chapter_data_path, out)) == 2
     assert (out / "tiny-sft.safetensors").is_file() and (out / "summary.json").is_file()

@@ -16,7 +16,7 @@ from helpers.generate import (
 )
 from helpers.model import GPTModel
 from helpers.prompts import extract_response, format_prompt
-from helpers.responses import load_responses
+from helpers.review.responses import load_responses
 from helpers.tokenizer import decode, encode
 
 LENGTHS = (5, 17, 9, 30, 1, 12)

@@ -228,7 +228,7 @@ def test_progress_bars_are_saved_in_their_final_state(path: Path) -> None:
         if WIDGET_VIEW in data and FROZEN_BAR.search(plain):
             problems.append(
                 f"{_where(path, index, cell)}: progress bar saved at its first frame "
-                f"{plain.strip()[:70]!r}; use `from helpers.progress import tqdm`"
+                f"{plain.strip()[:70]!r}; use `from helpers.widgets.progress import tqdm`"
             )
     _fail(problems, "progress bars frozen at 0%")
 

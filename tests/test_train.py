@@ -8,16 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers.checkpoints import load_checkpoint
 from helpers.model import GPTModel
-from helpers.train import (
-    RunOptions,
-    TrainConfig,
-    calc_loss_batch,
-    calc_loss_loader,
-    lr_factor,
-    train,
-)
+from helpers.run.checkpoints import load_checkpoint
+from helpers.run.train_config import RunOptions, TrainConfig, lr_factor
+from helpers.train import calc_loss_batch, calc_loss_loader, train
 
 QUIET = RunOptions(progress=False, log_evals=False)
 
@@ -66,7 +60,7 @@ def test_loss_falls_on_chapter_batches(tiny_config, chapter_data, capsys):
     splits = split_data(chapter_data[:60])
     loaders = make_loaders(splits, batch_size=4, allowed_max_length=64)
     model = _model(tiny_config)
-    from helpers.epoch_sample import sample_printer
+    from helpers.run.epoch_sample import sample_printer
 
     cfg = TrainConfig(num_epochs=1, lr=5e-3, eval_freq=4, eval_iter=2)
     history = train(

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers.model import GPTModel
-from helpers.train import RunOptions, TrainConfig, calc_loss_batch, evaluate_model, train
+from helpers.run.train_config import RunOptions, TrainConfig
+from helpers.train import calc_loss_batch, evaluate_model, train
 
 
 def _loader(seed: int, n: int = 24) -> DataLoader:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-import helpers.checkpoints as checkpoints
-from helpers.checkpoints import (
+import helpers.run.checkpoints as checkpoints
+from helpers.model import GPTModel
+from helpers.run.checkpoints import (
     Checkpoint,
     CheckpointError,
     TrainState,
@@ -19,8 +20,9 @@ from helpers.checkpoints import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from helpers.model import GPTModel
-from helpers.train import RunOptions, TrainConfig, TrainingInterrupted, train
+from helpers.run.train_config import RunOptions, TrainConfig
+from helpers.run.train_extensions import TrainingInterrupted
+from helpers.train import train
 
 
 def _loader(shift: int = 1, *, n: int = 16, seed: int = 0, shuffle: bool = True) -> DataLoader:

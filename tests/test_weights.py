@@ -12,13 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from helpers.config import get_config
 from helpers.model import GPTModel
-from helpers.weight_checks import CheckpointMismatchError, load_state_checked
 from helpers.weights import (
+    CheckpointMismatchError,
     build_model,
     convert_hf_state_dict,
     load_hf_gpt2,
     load_model,
     load_pretrained,
+    load_state_checked,
     read_metadata,
     save_model,
     to_hf_state_dict,

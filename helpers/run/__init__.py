@@ -1,0 +1,1 @@
+"""How a fine-tuning run is configured, checkpointed, resumed and summarised: the machinery around `helpers.train.train` and `python -m helpers.finetune`."""

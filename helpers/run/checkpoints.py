@@ -1,0 +1,298 @@
+"""Training checkpoints: the run state (`TrainState`) and the one file format that stores it.
+
+A checkpoint holds the model, optimizer and scheduler states, the run's `TrainState`
+(position, loss history, early-stopping record, random-number-generator states), the
+hyper-parameters and a fingerprint of the data. This module is the only one that knows the
+format: it writes it (atomically, never with non-finite weights), reads it with
+`torch.load(..., weights_only=True)` (so no code runs) and checks that a run may resume
+from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from helpers.atomic import atomic_path
+from helpers.run.train_config import TrainConfig
+
+CHECKPOINT_FORMAT = "course-train-checkpoint/2"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read or resumed from; the message says why, in one line."""
+
+
+@dataclass
+class TrainState:
+    """Where a run is; everything in it (with the weights) is what an exact resume needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    batches: int = 0  # batches of that epoch already used
+    tokens_seen: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
+    best_val_loss: float = math.inf  # early stopping: best validation loss so far...
+    best_step: int = -1  # ...at this 0-based step...
+    best_weights: dict[str, torch.Tensor] | None = None  # ...with these weights
+    bad_evals: int = 0  # evaluations since the best one
+    stopped_early: bool = False
+    rng: dict[str, Any] = field(default_factory=dict)  # see capture_rng_state
+
+    def snapshot(self, generators: list[torch.Generator]) -> TrainState:
+        """A copy (with the current random states) that later steps do not change."""
+        return replace(self, history=list(self.history), rng=capture_rng_state(generators))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (tensors shared, not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint file's contents."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    state: TrainState
+    config: TrainConfig
+    train_batches: int  # batches per epoch of the train loader it was made with
+    data_fingerprint: str  # see data_fingerprint
+
+
+def capture_rng_state(generators: list[torch.Generator] | None = None) -> dict[str, Any]:
+    """Python, torch CPU/CUDA and the given generators' states, as weights_only-safe values."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        # random.getstate() is a tuple; lists survive the weights_only loader.
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators or []],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(
+    state: dict[str, Any], generators: list[torch.Generator] | None = None
+) -> None:
+    """Put back the states captured by `capture_rng_state`."""
+    saved = state.get("generators", [])
+    generators = generators or []
+    if len(saved) != len(generators):
+        raise CheckpointError(
+            f"checkpoint has {len(saved)} data-loader generator states, the loader has "
+            f"{len(generators)}; resume with a loader built the same way"
+        )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    for gen, gen_state in zip(generators, saved, strict=True):
+        gen.set_state(gen_state.cpu())
+
+
+def _feed(h: Any, item: Any) -> None:
+    if isinstance(item, torch.Tensor):
+        h.update(str(tuple(item.shape)).encode())
+        h.update(item.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(item, (tuple, list)) and not all(isinstance(x, int) for x in item):
+        for part in item:
+            _feed(h, part)
+    else:  # token id lists, numbers, strings
+        h.update(repr(item).encode())
+    h.update(b"|")
+
+
+def data_fingerprint(datasets: Iterable[Any], batching: object = None) -> str:
+    """SHA-256 of every example of the datasets (e.g. token ids) and of how they are batched."""
+    h = hashlib.sha256(repr(batching).encode())
+    for dataset in datasets:
+        for index in range(len(dataset)):
+            _feed(h, dataset[index])
+        h.update(b"#")
+    return h.hexdigest()[:16]
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file path; a directory means the `checkpoint.pt` inside it."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() or path.suffix == "" else path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete half-written `.checkpoint.pt.*.tmp` files a killed run left; returns them."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".{CHECKPOINT_NAME}.*.tmp")) if folder.is_dir() else []
+    for tmp in stale:  # one run per folder: any temp file here is from a writer that died
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Size of the model's weights (state dict), in bytes."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def checkpoint_bytes(model: torch.nn.Module, *, early_stopping: bool = False) -> int:
+    """Estimated checkpoint size: weights plus AdamW's two moments (plus the best weights)."""
+    return weights_bytes(model) * (4 if early_stopping else 3)
+
+
+def _write_error(path: Path, exc: BaseException) -> CheckpointError:
+    # torch reports a full disk as "[enforce fail at inline_container.cc] ... file write
+    # failed"; say what it means instead, naming the file.
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else 0.0
+        reason = f"the write failed with {free:.0f} MiB free there (disk full or not writable?)"
+    return CheckpointError(f"cannot write checkpoint {path}: {reason}")
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint` atomically (a crash mid-write keeps the previous file); returns the path."""
+    path = checkpoint_path(path)
+    bad = [
+        name
+        for name, t in checkpoint.model.items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"not writing {path}: non-finite weights in {bad[0]} (a diverged run)"
+        )
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": checkpoint.model,
+        "optimizer": checkpoint.optimizer,
+        "scheduler": checkpoint.scheduler,
+        "state": checkpoint.state.to_dict(),
+        "config": asdict(checkpoint.config),
+        "train_batches": checkpoint.train_batches,
+        "data_fingerprint": checkpoint.data_fingerprint,
+    }
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(path, exc) from exc
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"no training checkpoint at {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt/truncated files raise many different errors
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from exc
+    if not isinstance(raw, dict) or not str(raw.get("format", "")).startswith(
+        "course-train-checkpoint/"
+    ):
+        raise CheckpointError(f"{path} is not a training checkpoint ({CHECKPOINT_FORMAT})")
+    if raw["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is a {raw['format']} checkpoint from an older version; this one reads "
+            f"{CHECKPOINT_FORMAT}: start a new run"
+        )
+    return raw
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and validate a checkpoint written by `save_checkpoint`."""
+    path = checkpoint_path(path)
+    raw = _read(path)
+    try:
+        state = TrainState(**raw["state"])
+        for name in ("step", "epoch", "batches", "tokens_seen"):
+            if not isinstance(getattr(state, name), int) or getattr(state, name) < 0:
+                raise ValueError(f"state.{name} is {getattr(state, name)!r}")
+        checkpoint = Checkpoint(
+            model=dict(raw["model"]),
+            optimizer=dict(raw["optimizer"]),
+            scheduler=dict(raw["scheduler"]),
+            state=state,
+            config=TrainConfig.from_dict(raw["config"]),
+            train_batches=int(raw["train_batches"]),
+            data_fingerprint=str(raw["data_fingerprint"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has malformed metadata: {exc}") from exc
+    return checkpoint
+
+
+def _weights_mismatch(saved: dict[str, torch.Tensor], model: torch.nn.Module) -> str | None:
+    mine = model.state_dict()
+    extra = [k for k in saved if k not in mine]
+    missing = [k for k in mine if k not in saved]
+    if extra or missing:
+        return (
+            f"{len(extra)} unexpected weight(s) such as {extra[:1]}, {len(missing)} missing "
+            f"such as {missing[:1]} (a different model size?)"
+        )
+    for name, tensor in saved.items():
+        if tensor.shape != mine[name].shape:
+            return f"{name} is {tuple(tensor.shape)} there, {tuple(mine[name].shape)} here"
+    return None
+
+
+def _parameters_mismatch(optimizer_state: dict, model: torch.nn.Module) -> str | None:
+    # A tied and an untied head have the same state-dict keys but not the same parameters.
+    saved = sum(len(group["params"]) for group in optimizer_state.get("param_groups", []))
+    mine = len(list(model.parameters()))
+    if saved == mine:
+        return None
+    return (
+        f"it trained {saved} parameter tensors, this model has {mine} (tied vs untied output "
+        "head, i.e. chapter-faithful mode switched?)"
+    )
+
+
+def check_resumable(
+    checkpoint: Checkpoint,
+    *,
+    model: torch.nn.Module,
+    config: TrainConfig,
+    train_batches: int,
+    data_fingerprint: str,
+) -> None:
+    """Refuse (CheckpointError) to resume with other hyper-parameters, data or model shape.
+
+    Only `num_epochs` may change (to train on for longer).
+    """
+    changed = config.differences(checkpoint.config, ignore=("num_epochs",))
+    if changed:
+        raise CheckpointError(f"cannot resume: hyper-parameters changed: {'; '.join(changed)}")
+    if checkpoint.train_batches != train_batches:
+        raise CheckpointError(
+            f"cannot resume: the train loader has {train_batches} batches, the checkpoint was "
+            f"made with {checkpoint.train_batches}"
+        )
+    if checkpoint.data_fingerprint != data_fingerprint:
+        raise CheckpointError(
+            "cannot resume: the data differ from the checkpoint's (training or validation "
+            "examples, or their batch size, prompt masking or max length; fingerprint "
+            f"{data_fingerprint}, checkpoint {checkpoint.data_fingerprint})"
+        )
+    mismatch = _weights_mismatch(checkpoint.model, model) or _parameters_mismatch(
+        checkpoint.optimizer, model
+    )
+    if mismatch:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint's weights do not fit the model: {mismatch}"
+        )

@@ -1,0 +1,280 @@
+"""The named extensions of the training loop in helpers.train, one small piece each.
+
+Epoch seeding (exact resume), bf16 autocast, NaN checks, gradient accumulation and clipping,
+early stopping, signal handling (Ctrl-C, SIGTERM, SIGHUP) and periodic checkpoints. `train`
+reads as the chapter's loop that calls them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from helpers.run.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    TrainState,
+    check_resumable,
+    data_fingerprint,
+    load_checkpoint,
+    remove_stale_temp_files,
+    restore_rng_state,
+    save_checkpoint,
+)
+from helpers.run.train_config import RunOptions, TrainConfig
+from helpers.widgets.progress import tqdm
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP stopped `train`; `checkpoint` is what it saved (or None)."""
+
+    def __init__(self, signal_name: str = "SIGINT", checkpoint: Path | None = None, step: int = 0):
+        super().__init__(signal_name)
+        self.signal_name, self.checkpoint, self.step = signal_name, checkpoint, step
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast when enabled on CUDA (where it speeds training up); otherwise nothing."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def epoch_batches(
+    loader: DataLoader, state: TrainState, seed: int, generators: list[torch.Generator]
+) -> Iterator:
+    """The epoch's batches from where `state` stands, in the order an uninterrupted run saw."""
+    if getattr(loader, "chapter_order", False):
+        # Chapter-faithful loaders draw from torch's global RNG, which the chapter seeds once
+        # before training (123) and then lets run on: seed at the start only. Later epochs
+        # follow the chapter's order, so such a run resumes exactly only within epoch 1.
+        if state.epoch == 0:
+            torch.manual_seed(seed)
+            batches = _skip(iter(loader), state.batches)
+            if state.batches:  # the global RNG as it was, so epoch 2 follows the same order
+                restore_rng_state(state.rng, generators)
+            return batches
+        if state.batches:
+            raise CheckpointError(
+                "cannot resume a chapter-faithful run (make_loaders(chapter_compat=True)) after "
+                "its first epoch: its shuffling follows torch's global random state"
+            )
+        return iter(loader)
+    # Each epoch's order depends only on (seed, epoch), so a resumed run replays it: this
+    # replaces the seed the loader was built with, and resets the global torch RNG too.
+    torch.manual_seed(seed + state.epoch)
+    for gen in generators:
+        gen.manual_seed(seed + state.epoch)
+    batches = _skip(iter(loader), state.batches)
+    if state.batches:
+        restore_rng_state(state.rng, generators)
+    return batches
+
+
+def _skip(batches: Iterator, n: int) -> Iterator:
+    for _ in range(n):  # a resumed run skips what the checkpoint had done
+        next(batches)
+    return batches
+
+
+def check_finite(loss: float, what: str, state: TrainState) -> None:
+    """Raise FloatingPointError naming the step if `loss` is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"{what} is {loss} at the evaluation of step {state.step - 1} (epoch "
+            f"{state.epoch + 1}); lower the learning rate or check the data"
+        )
+
+
+class LossWatch:
+    """Training losses kept on the device and checked for NaN/inf in one go, not every step.
+
+    `float(loss)` after every batch would make the CPU wait for the GPU each step; the
+    check runs at evaluations, checkpoints and epoch ends and still names the first bad batch.
+    """
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.where: list[tuple[int, int, int]] = []  # (step, epoch, batch) of each loss
+
+    def add(self, loss: torch.Tensor, state: TrainState) -> None:
+        """Remember `loss` of the batch `state` is about to count."""
+        self.losses.append(loss.detach())
+        self.where.append((state.step, state.epoch + 1, state.batches + 1))
+
+    def check(self) -> None:
+        """Raise FloatingPointError naming the first non-finite loss since the last check."""
+        if not self.losses:
+            return
+        finite = torch.isfinite(torch.stack(self.losses).float())
+        if not bool(finite.all()):  # the one host synchronisation
+            first = int((~finite).nonzero()[0])
+            step, epoch, batch = self.where[first]
+            raise FloatingPointError(
+                f"training loss is {float(self.losses[first])} at step {step} (epoch {epoch}, "
+                f"batch {batch}); lower the learning rate or check the data"
+            )
+        self.losses.clear()
+        self.where.clear()
+
+
+def step_due(state: TrainState, config: TrainConfig, epoch_batches: int) -> bool:
+    """Gradient accumulation: True once `grad_accum_steps` batches (or the epoch's last) are in."""
+    return state.batches % config.grad_accum_steps == 0 or state.batches == epoch_batches
+
+
+def finish_gradients(model: torch.nn.Module, state: TrainState, config: TrainConfig) -> None:
+    """Gradients ready for the optimizer step: short accumulation group rescaled, then clipped."""
+    # Gradient accumulation: the epoch's last group may be short; scale it to its own size.
+    short = state.batches % config.grad_accum_steps
+    if short:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(config.grad_accum_steps / short)
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+
+
+def update_early_stopping(state: TrainState, config: TrainConfig, model: torch.nn.Module) -> None:
+    """Record a new best validation loss (and its weights) or count one more bad evaluation."""
+    if config.early_stopping_patience is None:
+        return
+    row = state.history[-1]
+    if row["val_loss"] < state.best_val_loss - config.early_stopping_min_delta:
+        state.best_val_loss, state.best_step, state.bad_evals = row["val_loss"], int(row["step"]), 0
+        state.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        state.bad_evals += 1
+        state.stopped_early = state.bad_evals >= config.early_stopping_patience
+
+
+def eval_pending(state: TrainState, config: TrainConfig) -> bool:
+    """True when the last step's evaluation was due but is not in the history (after a resume)."""
+    # A checkpoint is taken right after an optimizer step, before that step's evaluation.
+    due = state.step > 0 and (state.step - 1) % config.eval_freq == 0
+    return due and (not state.history or state.history[-1]["step"] != state.step - 1)
+
+
+class StopSignals:
+    """Ctrl-C, SIGTERM, SIGHUP while training: the first stops at the next batch, a second at once.
+
+    Stopping between batches keeps the weights those of the last snapshot, so the checkpoint
+    saved on the way out resumes exactly. Previous handlers come back on exit.
+    """
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self, enabled: bool) -> None:
+        main = threading.current_thread() is threading.main_thread()  # signals need it
+        self.enabled = enabled and main
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise TrainingInterrupted(signal.Signals(signum).name)
+        self.received = signal.Signals(signum).name
+
+    def check(self) -> None:
+        """Raise TrainingInterrupted if a signal asked to stop."""
+        if self.received is not None:
+            raise TrainingInterrupted(self.received)
+
+    def __enter__(self) -> StopSignals:
+        if self.enabled:
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    signum = getattr(signal, name)
+                    self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def _batching(loader: DataLoader) -> dict[str, Any]:
+    # How examples become batches (collate_fn's options, e.g. mask_prompt), minus the device.
+    options = getattr(loader.collate_fn, "keywords", {})
+    return {"batch_size": loader.batch_size, **{k: v for k, v in options.items() if k != "device"}}
+
+
+class RunCheckpointer:
+    """Saves snapshots (taken at optimizer-step boundaries): every N steps/minutes and at the end."""
+
+    def __init__(
+        self, options: RunOptions, config: TrainConfig, parts: dict[str, Any], watch: LossWatch
+    ) -> None:
+        self.options, self.config, self.parts, self.watch = options, config, parts, watch
+        self.last_save = time.monotonic()
+        self.error: str | None = None  # the last failed save, reported in the history attrs
+        self._fingerprint: str | None = None
+        if options.checkpoint_dir is not None:
+            remove_stale_temp_files(options.checkpoint_dir)
+            self._data()  # the data fingerprint now, not during a Ctrl-C
+
+    def resume(self, path: str | Path, model: torch.nn.Module) -> TrainState:
+        """Load a checkpoint into the model, optimizer and scheduler after checking it fits."""
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, model=model, config=self.config, **self._data())
+        model.load_state_dict(ckpt.model)
+        self.parts["optimizer"].load_state_dict(ckpt.optimizer)
+        self.parts["scheduler"].load_state_dict(ckpt.scheduler)
+        return ckpt.state
+
+    def _data(self) -> dict[str, Any]:
+        if self._fingerprint is None:  # computed once: it reads every example
+            loaders = self.parts["loaders"]
+            datasets = [loader.dataset for loader in loaders]
+            sized = all(hasattr(d, "__len__") for d in datasets)
+            batching = [_batching(loader) for loader in loaders]
+            self._fingerprint = data_fingerprint(datasets, batching) if sized else ""
+        return {
+            "train_batches": len(self.parts["loaders"][0]),
+            "data_fingerprint": self._fingerprint,
+        }
+
+    def save(self, snapshot: TrainState | None, *, check: bool = True) -> Path | None:
+        """Write `snapshot` with the current weights; a failed save is reported, not raised.
+
+        With `check`, pending training losses are checked first (a NaN raises instead).
+        """
+        if check:
+            self.watch.check()
+        if self.options.checkpoint_dir is None or snapshot is None or snapshot.step == 0:
+            return None
+        parts = self.parts
+        ckpt = Checkpoint(
+            model=parts["model"].state_dict(),
+            optimizer=parts["optimizer"].state_dict(),
+            scheduler=parts["scheduler"].state_dict(),
+            state=snapshot,
+            config=self.config,
+            **self._data(),
+        )
+        try:
+            path = save_checkpoint(self.options.checkpoint_dir, ckpt)
+        except CheckpointError as exc:  # disk full, non-finite weights: training goes on
+            self.error = str(exc)
+            tqdm.write(f"warning: {exc}", file=sys.stderr)
+            return None
+        self.last_save = time.monotonic()
+        return path
+
+    def periodic(self, snapshot: TrainState) -> None:
+        """Save when `checkpoint_every` steps or `checkpoint_minutes` minutes call for it."""
+        every, minutes = self.options.checkpoint_every, self.options.checkpoint_minutes
+        by_steps = every is not None and snapshot.step % every == 0
+        by_time = minutes is not None and time.monotonic() - self.last_save >= minutes * 60
+        if by_steps or by_time:
+            self.save(snapshot)

@@ -1,0 +1,1 @@
+"""Notebook widgets with text fallbacks: progress bars and the batch inspector."""

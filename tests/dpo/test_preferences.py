@@ -1,0 +1,271 @@
+"""Preference data: loading and validation, the book's file, and generating pairs offline or
+through a fake Ollama / OpenAI-compatible server on 127.0.0.1 (stdlib http.server, no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from helpers.data import DatasetError
+from helpers.dpo.generate_pairs import (
+    RULE_BASED,
+    choose_politeness,
+    clean_reply,
+    generate_preferences,
+    read_rewrite_cache,
+    rewrite_prompt,
+    rule_based_rewrite,
+)
+from helpers.dpo.preferences import (
+    PREFERENCES_ENV,
+    PREFERENCES_SHA256,
+    EmptyPreferenceError,
+    MissingPreferenceError,
+    PreferenceDataError,
+    load_preferences,
+    save_preferences,
+    validate_preferences,
+)
+from helpers.review.judge import ollama_client, openai_client
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+
+
+def _entry(i: int, **extra: str) -> dict:
+    return {"instruction": f"Say {i}.", "input": "", "output": f"The answer is {i}.", **extra}
+
+
+def _pair(i: int) -> dict:
+    return _entry(i, chosen=f"Certainly! {i}.", rejected=f"Whatever, {i}.")
+
+
+@pytest.fixture(scope="module")
+def preference_path() -> Path:
+    path = Path(
+        os.environ.get(PREFERENCES_ENV) or SHARED / "data" / "instruction-data-with-preference.json"
+    )
+    if not path.is_file():
+        pytest.skip(f"needs instruction-data-with-preference.json (set {PREFERENCES_ENV})")
+    return path
+
+
+def test_the_books_file_loads_and_matches_its_checksum(preference_path, monkeypatch):
+    from helpers.data import sha256_of
+
+    assert sha256_of(preference_path) == PREFERENCES_SHA256
+    monkeypatch.setenv(PREFERENCES_ENV, str(preference_path))
+    entries = load_preferences()
+    assert len(entries) == 1100
+    assert all(e["chosen"].strip() and e["rejected"].strip() for e in entries)
+
+
+def test_missing_and_empty_answers_name_file_entry_and_field(tmp_path):
+    bad = tmp_path / "prefs.json"
+    bad.write_text(json.dumps([_pair(0), _entry(1, chosen="yes")]))
+    with pytest.raises(
+        MissingPreferenceError, match=r"prefs\.json: entry 1 is missing the field 'rejected'"
+    ):
+        load_preferences(bad)
+    bad.write_text(json.dumps([_pair(0), _pair(1), _entry(2, chosen="  ", rejected="no")]))
+    with pytest.raises(
+        EmptyPreferenceError, match=r"prefs\.json: entry 2, field 'chosen' is empty"
+    ):
+        load_preferences(bad)
+    with pytest.raises(PreferenceDataError, match="entry 0, field 'rejected' must be a string"):
+        validate_preferences([_entry(0, chosen="a", rejected=None)], "x.json")
+    # The instruction fields are checked as for the chapter's dataset.
+    with pytest.raises(DatasetError, match="entry 0 is missing the field 'output'"):
+        validate_preferences([{"instruction": "a", "input": "", "chosen": "b", "rejected": "c"}])
+    with pytest.raises(PreferenceDataError, match="no such preference file"):
+        load_preferences(tmp_path / "nope.json")
+    assert issubclass(PreferenceDataError, DatasetError)
+
+
+def test_save_then_load_round_trips_json_and_jsonl(tmp_path):
+    pairs = [_pair(i) for i in range(3)]
+    path = save_preferences(pairs, tmp_path / "out" / "p.json")
+    assert load_preferences(path) == pairs
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert load_preferences(jsonl) == pairs
+    assert not [p for p in path.parent.iterdir() if p.name != "p.json"]  # no temp files left
+
+
+def test_rule_based_pairs_are_deterministic_and_labelled_synthetic():
+    entries = [_entry(i) for i in range(20)]
+    pairs = generate_preferences(entries, progress=False)
+    assert pairs == generate_preferences(list(reversed(entries)), progress=False)[::-1]
+    assert {p["politeness"] for p in pairs} == {"polite", "impolite"}  # both directions occur
+    for entry, pair in zip(entries, pairs, strict=True):
+        assert pair["generator"] == RULE_BASED
+        if pair["politeness"] == "polite":
+            assert pair["chosen"] == "Certainly! " + entry["output"]
+            assert pair["rejected"] == entry["output"]
+        else:
+            assert pair["chosen"] == entry["output"]
+            assert pair["rejected"] == rule_based_rewrite(entry, "impolite")
+            assert pair["rejected"].startswith("Ugh")
+    validate_preferences(pairs)
+    # Another seed flips some choices.
+    assert [p["politeness"] for p in generate_preferences(entries, seed=7, progress=False)] != [
+        p["politeness"] for p in pairs
+    ]
+
+
+def test_clean_reply_and_prompt():
+    assert clean_reply('  "Sure, here it is."\n') == "Sure, here it is."
+    assert clean_reply("`x`") == "x"
+    prompt = rewrite_prompt(_entry(3), "impolite")
+    assert "slightly rewrite the output to be more impolite" in prompt
+    assert "`The answer is 3.`" in prompt and "### Instruction:\nSay 3." in prompt
+
+
+class _FakeLLM(BaseHTTPRequestHandler):
+    """Answers /api/chat (Ollama) and /v1/chat/completions (OpenAI) with a scripted rewrite."""
+
+    calls: list[str] = []
+    fail_after: int | None = None
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):  # noqa: N802 (http.server's naming): the clients' "is it up?" check
+        data = json.dumps({"models": [], "data": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        if _FakeLLM.fail_after is not None and len(_FakeLLM.calls) >= _FakeLLM.fail_after:
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b"stop")
+            return
+        _FakeLLM.calls.append(prompt)
+        output = prompt.split("correct output `")[1].split("`")[0]
+        kind = "POLITE" if "more polite." in prompt else "RUDE"
+        text = f'"{kind}: {output}"'  # quoted, as chat models often do
+        if self.path == "/api/chat":
+            reply = {"message": {"role": "assistant", "content": text}, "done": True}
+        else:
+            reply = {"choices": [{"message": {"role": "assistant", "content": text}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture()
+def fake_llm():
+    _FakeLLM.calls = []
+    _FakeLLM.fail_after = None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeLLM)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_llm_rewrites_through_the_judge_client_are_cached_and_resume(fake_llm, tmp_path, api):
+    if api == "ollama":
+        client = ollama_client("llama3", base_url=fake_llm, retries=0)
+    else:
+        client = openai_client(fake_llm, "some-model", retries=0, max_tokens=512)
+    entries = [_entry(i) for i in range(6)]
+    cache = tmp_path / "rewrites.jsonl"
+
+    # The server stops after 3 answers: the run fails, the first 3 rewrites are kept.
+    _FakeLLM.fail_after = 3
+    with pytest.raises(Exception, match="HTTP 400"):
+        generate_preferences(entries, client, cache_path=cache, progress=False)
+    assert len(read_rewrite_cache(cache)) == 3
+    # Simulate a line cut short by a crash: it is skipped, the rest stays readable.
+    with cache.open("a") as f:
+        f.write('{"key": "half')
+
+    _FakeLLM.fail_after = None
+    pairs = generate_preferences(entries, client, cache_path=cache, progress=False)
+    assert len(_FakeLLM.calls) == 6  # 3 before the failure, only the 3 missing ones after
+    assert len(read_rewrite_cache(cache)) == 6
+    for entry, pair in zip(entries, pairs, strict=True):
+        assert pair["generator"] == f"llm:{client.model}"
+        if pair["politeness"] == "polite":
+            assert (pair["chosen"], pair["rejected"]) == (
+                f"POLITE: {entry['output']}",
+                entry["output"],
+            )
+        else:
+            assert (pair["chosen"], pair["rejected"]) == (
+                entry["output"],
+                f"RUDE: {entry['output']}",
+            )
+
+    # A third run asks nothing: every rewrite comes from the cache.
+    again = generate_preferences(entries, client, cache_path=cache, progress=False)
+    assert again == pairs and len(_FakeLLM.calls) == 6
+    save_preferences(pairs, tmp_path / "prefs.json")
+    assert load_preferences(tmp_path / "prefs.json") == pairs
+
+
+def test_empty_rewrites_are_left_out_with_a_warning(tmp_path):
+    class Blank:
+        model = "blank"
+
+        def chat(self, prompt: str) -> str:
+            return "  " if "Say 1." in prompt else "fine"
+
+    cache = tmp_path / "c.jsonl"
+    with pytest.warns(UserWarning, match=r"1 empty rewrite\(s\) left out \(entries 1\)"):
+        pairs = generate_preferences(
+            [_entry(i) for i in range(3)], Blank(), cache_path=cache, progress=False
+        )
+    assert [p["instruction"] for p in pairs] == ["Say 0.", "Say 2."]
+    assert len(read_rewrite_cache(cache)) == 2  # the empty one is asked again next time
+
+
+def test_politeness_choice_depends_on_the_entry_not_its_position():
+    e = _entry(5)
+    assert choose_politeness(e) == choose_politeness(dict(e))
+    assert choose_politeness(e) in ("polite", "impolite")
+
+
+def test_command_line_offline_and_against_a_server(fake_llm, chapter_data_path, tmp_path, capsys):
+    from helpers.dpo.generate_pairs import main
+
+    out = tmp_path / "pairs.json"
+    args = ["--data", str(chapter_data_path), "--limit", "4", "--output", str(out), "--quiet"]
+    assert main([*args, "--offline"]) == 0
+    assert "4 pairs (rule-based (synthetic))" in capsys.readouterr().out
+    assert all(p["generator"] == RULE_BASED for p in load_preferences(out))
+
+    server = [
+        "--api",
+        "openai",
+        "--url",
+        fake_llm,
+        "--llm",
+        "m",
+        "--cache",
+        str(tmp_path / "c.jsonl"),
+    ]
+    assert main([*args, *server]) == 0
+    assert "4 pairs (llm:m)" in capsys.readouterr().out
+    assert len(_FakeLLM.calls) == 4 and len(read_rewrite_cache(tmp_path / "c.jsonl")) == 4
+
+    # No server there: one line, exit code 2.
+    assert main([*args, "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err

@@ -1,0 +1,164 @@
+"""helpers.widgets.progress: tqdm's widget bar whose saved output shows the final state, text elsewhere."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tqdm.std import tqdm as std_tqdm
+
+from helpers.widgets import progress
+from helpers.widgets.progress import WIDGET_VIEW, NotebookTqdm, in_jupyter_kernel
+
+
+class FakeHandle:
+    """What `IPython.display.display(..., display_id=True)` returns: records updates."""
+
+    def __init__(self, shown: Any) -> None:
+        self.shown = shown
+        self.updates: list[tuple[dict, dict]] = []
+
+    def update(self, obj: dict, **kwargs: Any) -> None:
+        self.updates.append((obj, kwargs))
+
+
+@pytest.fixture()
+def displays(monkeypatch: pytest.MonkeyPatch) -> list[FakeHandle]:
+    """Every display NotebookTqdm makes, without a kernel."""
+    import IPython.display
+
+    handles: list[FakeHandle] = []
+
+    def fake_display(obj: Any, display_id: bool = False, **_: Any) -> FakeHandle:
+        assert display_id is True, "the bar must be displayed under a display id"
+        handles.append(FakeHandle(obj))
+        return handles[-1]
+
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    return handles
+
+
+def test_outside_jupyter_it_is_tqdm_std() -> None:
+    assert not in_jupyter_kernel()
+    assert progress.tqdm is std_tqdm
+    assert list(progress.trange(3, disable=True)) == [0, 1, 2]
+
+
+def test_in_jupyter_kernel_needs_a_kernel_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    shell: Any = None
+    ipython = types.SimpleNamespace(get_ipython=lambda: shell)
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))
+    for name in [n for n in os.environ if n == "QT_API" or n.startswith("SPYDER")]:
+        monkeypatch.delenv(name)
+    assert not in_jupyter_kernel(), "ipykernel imported but no running shell"
+
+    class ZMQInteractiveShell:
+        kernel = object()
+
+    shell = ZMQInteractiveShell()
+    assert in_jupyter_kernel()
+    monkeypatch.setenv("QT_API", "pyqt5")
+    assert not in_jupyter_kernel(), "qtconsole shows text, not widgets"
+
+
+def test_closed_bar_stores_its_final_text_with_the_widget_view(
+    displays: list[FakeHandle], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bar = NotebookTqdm(range(24), desc="fine-tuning", unit="step")
+    assert len(displays) == 1 and displays[0].shown is bar.container
+    assert "0%" in repr(bar.container), "what tqdm.notebook alone would store"
+    assert sum(1 for _ in bar) == 24
+    [(bundle, kwargs)] = displays[0].updates
+    assert kwargs == {"raw": True}
+    assert bundle["text/plain"].startswith("fine-tuning: 100%|██████████| 24/24 [")
+    assert "step/s]" in bundle["text/plain"]
+    assert bundle[WIDGET_VIEW] == {
+        "version_major": 2,
+        "version_minor": 0,
+        "model_id": bar.container.model_id,
+    }
+    bar.close()  # closing again changes nothing
+    assert len(displays[0].updates) == 1
+    assert capsys.readouterr() == ("", ""), "the widget is the only output"
+
+
+def test_manual_bar_stopped_early_keeps_its_partial_state(displays: list[FakeHandle]) -> None:
+    bar = NotebookTqdm(total=10, desc="broken")
+    bar.update(3)
+    bar.close()
+    [(bundle, _)] = displays[0].updates
+    assert bundle["text/plain"].startswith("broken:  30%|███       | 3/10 [")
+    assert bundle[WIDGET_VIEW]["model_id"] == bar.container.model_id
+    assert bar.container.children[1].bar_style == "danger"
+
+
+def test_bar_with_leave_false_leaves_an_empty_output(displays: list[FakeHandle]) -> None:
+    bar = NotebookTqdm(range(4), desc="gone", leave=False)
+    for _ in bar:
+        pass
+    assert displays[0].updates == [({"text/plain": ""}, {"raw": True})]
+    label, pbar, _ = bar.container.children
+    assert label.comm is None and pbar.comm is None and bar.container.comm is None
+
+
+def test_disabled_and_delayed_bars(displays: list[FakeHandle]) -> None:
+    for _ in NotebookTqdm(range(3), disable=True):
+        pass
+    assert displays == []
+    bar = NotebookTqdm(total=2, desc="later", delay=3600)
+    bar.update(2)
+    bar.close()
+    assert displays == [], "a bar that never reached its delay is never shown"
+    bar = NotebookTqdm(total=2, desc="hidden", display=False)
+    bar.update(2)
+    bar.close()
+    assert displays == []
+
+
+def _run_notebook(path: Path) -> Any:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "from helpers.widgets.progress import NotebookTqdm, tqdm\nassert tqdm is NotebookTqdm"
+        ),
+        nbformat.v4.new_code_cell("for _ in tqdm(range(24), desc='fine-tuning'):\n    pass"),
+        nbformat.v4.new_code_cell("bar = tqdm(total=3, desc='manual')"),
+        nbformat.v4.new_code_cell("bar.update(3)\nbar.close()"),
+    ]
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        store_widget_state=True,
+        resources={"metadata": {"path": str(path)}},
+    )
+    try:
+        client.execute()
+    except Exception as exc:  # no kernel where the environment lacks one
+        if "No such kernel" in str(exc):
+            pytest.skip(f"no python3 Jupyter kernel: {exc}")
+        raise
+    return nb
+
+
+def test_executed_notebook_keeps_final_text_and_widget_state(tmp_path: Path) -> None:
+    nb = _run_notebook(tmp_path)
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    outputs = [o for cell in nb.cells for o in cell.outputs]
+    assert all(o.output_type != "stream" or o.name != "stderr" for o in outputs), outputs
+    bars = [o for o in outputs if WIDGET_VIEW in o.get("data", {})]
+    assert [o.data["text/plain"].split("|")[0] for o in bars] == [
+        "fine-tuning: 100%",
+        "manual: 100%",
+    ]
+    for output in bars:
+        assert output.data[WIDGET_VIEW]["model_id"] in state
+    # the bar created in one cell and closed in the next updated the earlier cell's output
+    assert nb.cells[2].outputs[0].data["text/plain"].startswith("manual: 100%|██████████| 3/3")
