@@ -11,8 +11,14 @@ MODEL ?=
 HOST = localhost
 PORT = 8888
 ARGS =
+# make lab serves the repository (helpers/ one click away) and opens the first notebook.
+FIRST_NOTEBOOK = notebooks/01_dataset_formatting.ipynb
+# make grade SUBMISSION=path.ipynb (several: SUBMISSION="a.ipynb b.ipynb"); TIMEOUT: seconds per cell.
+SUBMISSION =
+TIMEOUT = 300
+NBGRADER_SERVER_EXTENSIONS = $(addprefix nbgrader.server_extensions.,formgrader assignment_list course_list validate_assignment)
 
-.PHONY: setup lab test test-fast lint finetune benchmarks notebooks clean
+.PHONY: setup lab test test-fast lint finetune benchmarks notebooks student grade clean
 
 # Checked before anything is built: one line naming what to install.
 # (Runs on whatever $(PYTHON) is, so no f-strings.)
@@ -35,6 +41,10 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# nbgrader (make student, make grade) is used from the command line only: its JupyterLab
+	@# menus and server extensions stay off, so learners get the plain JupyterLab.
+	$(VENV)/bin/jupyter server extension disable --sys-prefix $(NBGRADER_SERVER_EXTENSIONS) >/dev/null 2>&1
+	$(VENV)/bin/jupyter labextension disable @jupyter/nbgrader >/dev/null 2>&1
 	touch $@
 
 # The notebooks' kernel ("python3") is this environment's interpreter, by absolute path,
@@ -59,8 +69,9 @@ names = ", ".join(name.split(" ")[0] for name in MODEL_PRESETS)
 print(f"Course model: {describe_model(model)}")
 print(f"  from COURSE_MODEL={chosen}" if chosen else f"  COURSE_MODEL is not set: the chapter's {DEFAULT_MODEL}, weights download on first use")
 print(f"  switch: make lab COURSE_MODEL=<name>, one of {names} (tiny: offline, seconds on a CPU)")
-print("JupyterLab: http://$(HOST):$(PORT)/lab (another port if that one is taken); open the")
-print("  link with ?token= that JupyterLab prints below. Ctrl-C twice stops it.")
+print("JupyterLab: http://$(HOST):$(PORT)/lab/tree/$(FIRST_NOTEBOOK) (another port if that one is")
+print("  taken); open the link with ?token= that JupyterLab prints below. The file browser shows the")
+print("  whole repository: notebooks/ and helpers/, the code every check names. Ctrl-C twice stops it.")
 endef
 export LAB_BANNER
 
@@ -69,7 +80,8 @@ ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab: setup  ## open the course in JupyterLab: make lab [HOST=0.0.0.0] [PORT=8899] [ARGS=--no-browser]
 	@$(PY) -c "$$LAB_BANNER"
-	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab --ip=$(HOST) --port=$(PORT) $(ALLOW_ROOT) $(ARGS) notebooks/
+	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter lab --ip=$(HOST) --port=$(PORT) $(ALLOW_ROOT) \
+		--ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/$(FIRST_NOTEBOOK) $(ARGS)
 
 # Tests and committed notebook outputs use the offline tiny model unless told otherwise.
 test notebooks: export COURSE_MODEL ?= tiny
@@ -100,6 +112,20 @@ benchmarks: setup
 notebooks: setup  ## re-run every notebook in place (outputs committed for the web), then check them
 	for nb in notebooks/0*.ipynb; do env -u MPLBACKEND $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=True "$$nb" || exit 1; done
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_notebooks.py
+
+# The classroom editions, both by nbgrader (notebooks/INSTRUCTORS.md): the committed notebooks
+# are the instructor edition; `student` writes the student edition (solutions replaced by
+# stubs, hidden tests and outputs removed) to student/ (git-ignored), nbgrader's course folder
+# to build/nbgrader/; `grade` autogrades submitted notebooks offline in tiny mode.
+student: setup  ## the student edition of all seven notebooks in student/
+	$(PY) notebooks/classroom.py student
+
+grade: export COURSE_MODEL = tiny
+grade: export HF_HUB_OFFLINE = 1
+grade: export TRANSFORMERS_OFFLINE = 1
+grade: setup  ## points per part: make grade SUBMISSION=path.ipynb [TIMEOUT=300 seconds per cell]
+	@test -n "$(SUBMISSION)" || { echo "make grade: name the submitted notebook: make grade SUBMISSION=path/to/02_batching_and_masking.ipynb" >&2; exit 2; }
+	$(PY) notebooks/classroom.py grade --timeout $(TIMEOUT) $(SUBMISSION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

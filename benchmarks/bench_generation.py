@@ -29,11 +29,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from helpers.data import load_instruction_data, split_data
-from helpers.generate import generate_batch
+from helpers.generate import GenerationSettings, generate_batch
 from helpers.prompts import format_prompt
 from helpers.tokenizer import EOS_ID, encode
 from helpers.weights import random_model, to_hf_state_dict
@@ -131,7 +132,10 @@ def main() -> None:
         f"{len(prompts)} test-split prompts ({min(lengths)}-{max(lengths)} tokens), "
         f"{new_tokens} new tokens each, greedy, batch size {args.batch_size}\n"
     )
-    generate_batch(model, prompts[:2], 2, eos_id=None)  # warm-up (allocator, kernels)
+    # Exactly `new_tokens` per prompt, greedy: no eos stop, so every mode does the same work.
+    settings = GenerationSettings(max_new_tokens=new_tokens, eos_id=None)
+    warm_up = GenerationSettings(max_new_tokens=2, eos_id=None)
+    generate_batch(model, prompts[:2], warm_up)  # warm-up (allocator, kernels)
     if hf is not None:
         hf_generate(hf, prompts[:2], 2)  # warm-up
     groups = batches(prompts, args.batch_size)
@@ -140,7 +144,7 @@ def main() -> None:
     # Modes run interleaved, unit by unit (a batch, or a prompt), so that a change in the
     # machine's load (other processes on a shared box) hits every mode alike.
     modes: dict[str, Callable[[list[list[int]]], list[list[int]]]] = {
-        "cached, batched": lambda b: generate_batch(model, b, new_tokens, eos_id=None),
+        "cached, batched": lambda b: generate_batch(model, b, settings),
     }
     if hf is not None:
         modes["transformers, batched"] = lambda b: hf_generate(hf, b, new_tokens)
@@ -163,7 +167,7 @@ def main() -> None:
         for name, use_cache in single_modes.items():
             out, dt, dcpu = timed(
                 lambda p=prompt, c=use_cache: generate_batch(
-                    model, [p], new_tokens, eos_id=None, use_cache=c
+                    model, [p], replace(settings, use_cache=c)
                 )
             )
             seconds[name] += dt

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from typing import Any, NamedTuple
 
 import tiktoken
 import torch
@@ -44,7 +44,7 @@ def tokenize_example(
     return TokenizedExample(prompt_ids + encode(entry["output"], tokenizer), len(prompt_ids))
 
 
-class InstructionDataset(Dataset):
+class InstructionDataset(Dataset[TokenizedExample]):
     """The chapter's InstructionDataset: entries pre-tokenized once, prompt lengths kept."""
 
     def __init__(
@@ -86,6 +86,37 @@ def _unpack(item: object, position: int) -> tuple[list[int], int | None]:
     )
 
 
+def _checked_items(
+    batch: Sequence[Sequence[int] | torch.Tensor | TokenizedExample],
+    allowed_max_length: int | None,
+    mask_prompt: bool,
+) -> list[tuple[list[int], int | None]]:
+    """collate_fn's checks: the batch's (ids, prompt_length) items, or ValueError."""
+    if len(batch) == 0:
+        raise ValueError("collate_fn: the batch is empty")
+    if allowed_max_length is not None and allowed_max_length < 1:
+        raise ValueError(f"collate_fn: allowed_max_length must be >= 1, got {allowed_max_length}")
+    items = [_unpack(item, i) for i, item in enumerate(batch)]
+    if mask_prompt and any(prompt_length is None for _, prompt_length in items):
+        raise ValueError(
+            "collate_fn: mask_prompt=True needs TokenizedExample items (they carry the prompt "
+            "length); plain lists of ids do not say where the prompt ends"
+        )
+    return items
+
+
+def _warn_nothing_to_learn(
+    position: int, length: int, prompt_length: int | None, allowed_max_length: int | None
+) -> None:
+    warnings.warn(
+        f"collate_fn: sample {position} of the batch has no target left for the loss "
+        f"(length {length}, prompt_length {prompt_length}, "
+        f"allowed_max_length {allowed_max_length}); it teaches nothing, and a batch "
+        f"made only of such samples gives a NaN loss",
+        stacklevel=3,  # the caller of collate_fn
+    )
+
+
 def collate_fn(
     batch: Sequence[Sequence[int] | torch.Tensor | TokenizedExample],
     pad_token_id: int = EOS_ID,
@@ -105,16 +136,7 @@ def collate_fn(
     and nothing else, so keep the default when training with it: another value would be
     counted as a target (a real token id) or rejected by `cross_entropy` (a negative one).
     """
-    if len(batch) == 0:
-        raise ValueError("collate_fn: the batch is empty")
-    if allowed_max_length is not None and allowed_max_length < 1:
-        raise ValueError(f"collate_fn: allowed_max_length must be >= 1, got {allowed_max_length}")
-    items = [_unpack(item, i) for i, item in enumerate(batch)]
-    if mask_prompt and any(prompt_length is None for _, prompt_length in items):
-        raise ValueError(
-            "collate_fn: mask_prompt=True needs TokenizedExample items (they carry the prompt "
-            "length); plain lists of ids do not say where the prompt ends"
-        )
+    items = _checked_items(batch, allowed_max_length, mask_prompt)  # (ids, prompt_length)
     # +1 so even the longest item gets one <|endoftext|> target that teaches it to stop.
     batch_max_length = max(len(ids) + 1 for ids, _ in items)
 
@@ -138,13 +160,7 @@ def collate_fn(
             inputs = inputs[:allowed_max_length]
             targets = targets[:allowed_max_length]
         if bool((targets == ignore_index).all()):
-            warnings.warn(
-                f"collate_fn: sample {position} of the batch has no target left for the loss "
-                f"(length {len(ids)}, prompt_length {prompt_length}, "
-                f"allowed_max_length {allowed_max_length}); it teaches nothing, and a batch "
-                f"made only of such samples gives a NaN loss",
-                stacklevel=2,
-            )
+            _warn_nothing_to_learn(position, len(ids), prompt_length, allowed_max_length)
         inputs_lst.append(inputs)
         targets_lst.append(targets)
 
@@ -156,9 +172,9 @@ def collate_fn(
 class Loaders(NamedTuple):
     """Data loaders for the three splits."""
 
-    train: DataLoader
-    validation: DataLoader
-    test: DataLoader
+    train: DataLoader[Any]
+    validation: DataLoader[Any]
+    test: DataLoader[Any]
 
 
 def make_loaders(
@@ -201,37 +217,49 @@ def make_loaders(
         allowed_max_length=allowed_max_length,
         mask_prompt=mask_prompt,
     )
-    loaders = []
-    for index, data in enumerate(splits):
-        dataset = InstructionDataset(data, tokenizer=tokenizer, style=style)
-        is_train = index == 0
-        # None: the chapter's DataLoader, which draws from torch's global random state.
-        generator = None if chapter_compat else torch.Generator().manual_seed(seed)
-        if grouped:
-            sampler = LengthGroupedBatchSampler(
-                dataset.lengths, batch_size, shuffle=is_train, drop_last=is_train, seed=seed
-            )
-            loader = DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                collate_fn=collate,
-                num_workers=num_workers,
-                generator=generator,
-            )
-        else:
-            loader = DataLoader(
-                dataset,
-                batch_size=batch_size,
-                shuffle=is_train,
-                drop_last=is_train,
-                collate_fn=collate,
-                num_workers=num_workers,
-                generator=generator,
-            )
-        # Marks the chapter's order for helpers.train (see train_extensions.epoch_batches).
-        loader.chapter_order = chapter_compat
-        loaders.append(loader)
+    loaders = [
+        _split_loader(
+            InstructionDataset(data, tokenizer=tokenizer, style=style),
+            collate,
+            train=index == 0,
+            batch_size=batch_size,
+            grouped=grouped,
+            seed=seed,
+            num_workers=num_workers,
+            chapter_compat=chapter_compat,
+        )
+        for index, data in enumerate(splits)
+    ]
     return Loaders(*loaders)
+
+
+def _split_loader(
+    dataset: InstructionDataset,
+    collate: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    *,
+    train: bool,
+    batch_size: int,
+    grouped: bool,
+    seed: int,
+    num_workers: int,
+    chapter_compat: bool,
+) -> DataLoader[Any]:
+    """One split's loader: the chapter's (train shuffled + drop_last) or length-grouped."""
+    # None: the chapter's DataLoader, which draws from torch's global random state.
+    generator = None if chapter_compat else torch.Generator().manual_seed(seed)
+    if grouped:
+        sampler = LengthGroupedBatchSampler(
+            dataset.lengths, batch_size, shuffle=train, drop_last=train, seed=seed
+        )
+        batching: dict[str, Any] = {"batch_sampler": sampler}
+    else:
+        batching = {"batch_size": batch_size, "shuffle": train, "drop_last": train}
+    loader = DataLoader(
+        dataset, collate_fn=collate, num_workers=num_workers, generator=generator, **batching
+    )
+    # Marks the chapter's order for helpers.train (see train_extensions.epoch_batches).
+    loader.chapter_order = chapter_compat
+    return loader
 
 
 # --- padding: length-grouped batches that avoid it, `padding_share` that measures it ---
@@ -291,7 +319,7 @@ def _item_length(item: object) -> int:
     raise TypeError(f"padding_share: cannot tell the length of a {type(item).__name__} item")
 
 
-def loader_generators(loader: DataLoader) -> list[torch.Generator]:
+def loader_generators(loader: DataLoader[Any]) -> list[torch.Generator]:
     """The torch.Generators that drive a loader's shuffling (loader, sampler, batch sampler)."""
     batch_sampler = loader.batch_sampler
     candidates = [
@@ -306,7 +334,7 @@ def loader_generators(loader: DataLoader) -> list[torch.Generator]:
     return unique
 
 
-def padding_share(loader: DataLoader) -> float:
+def padding_share(loader: DataLoader[Any]) -> float:
     """Share of input positions that are padding over one epoch of `loader`'s batches.
 
     Reads only the batch indices and the dataset's lengths (no tensors are built) and

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ from helpers.weights import (
     CheckpointFileError,
     CheckpointMismatchError,
     check_config_shapes,
+    check_finite,
     fsync_file,
     load_state_checked,
 )
@@ -53,7 +55,7 @@ _BOOK_QKV = ("W_query", "W_key", "W_value")
 _BOOK_LAYER = re.compile(r"trf_blocks\.(\d+)\.(.+)$")
 
 
-def _as_config(config: GPTConfig | Mapping | str) -> GPTConfig:
+def _as_config(config: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:
     if isinstance(config, GPTConfig):
         return config
     if isinstance(config, str):
@@ -107,21 +109,25 @@ def book_to_course_state(book: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def load_book_checkpoint(
-    path: str | os.PathLike,
-    config: GPTConfig | Mapping | str,
+    path: str | os.PathLike[str],
+    config: GPTConfig | Mapping[str, Any] | str,
     *,
     device: str | torch.device = "cpu",
+    allow_nonfinite: bool = False,
 ) -> GPTModel:
     """A model saved by the book's code (`torch.save(model.state_dict(), "...pth")`), eval mode.
 
     `config` is the book's config for it: a GPTConfig, a preset name ("gpt2-medium (355M)")
     or the chapter's dict. The file is read with `weights_only=True` (no code runs).
+    NaN or infinite weights are refused unless `allow_nonfinite`.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}")
     cfg = _as_config(config)
-    state = book_to_course_state(_book_state_from_file(path))
+    book_state = _book_state_from_file(path)
+    check_finite(book_state, path, allow=allow_nonfinite)  # named as the book names them
+    state = book_to_course_state(book_state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     check_config_shapes(cfg, shapes, path)  # before allocating the model
     head, wte = state.get(TIED_KEY), state.get("wte.weight")
@@ -162,7 +168,7 @@ def course_to_book_state(model: GPTModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_book_checkpoint(model: GPTModel, path: str | os.PathLike) -> Path:
+def save_book_checkpoint(model: GPTModel, path: str | os.PathLike[str]) -> Path:
     """Write `model` as the book's code saves it (a state dict for its GPTModel); atomic."""
     path = Path(path)
     state = course_to_book_state(model)

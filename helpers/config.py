@@ -41,7 +41,7 @@ class GPTConfig:
                 f"GPTConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}"
             )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain dict, e.g. to store inside a checkpoint."""
         return dict(self.__dict__)
 

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from helpers.atomic import atomic_path
 
@@ -49,7 +49,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "instruction-finetuning-course"
 
 
-def sha256_of(path: str | os.PathLike) -> str:
+def sha256_of(path: str | os.PathLike[str]) -> str:
     """Hex sha256 digest of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -59,7 +59,7 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def download_file(
-    url: str, dest: str | os.PathLike, sha256: str | None, *, progress: bool = True
+    url: str, dest: str | os.PathLike[str], sha256: str | None, *, progress: bool = True
 ) -> Path:
     """Download `url` to `dest` atomically, verifying sha256; reuse `dest` if already valid."""
     dest = Path(dest)
@@ -96,7 +96,7 @@ def download_file(
     return dest
 
 
-def _parse_jsonl(text: str, source: str) -> list:
+def _parse_jsonl(text: str, source: str) -> list[Any]:
     entries = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -112,20 +112,24 @@ def _parse_jsonl(text: str, source: str) -> list:
     return entries
 
 
-def _parse(text: str, source: str, jsonl: bool | None) -> list:
+def _is_jsonl(text: str) -> bool:
+    """Detect: a JSON document is one list; JSON Lines starts with an object per line."""
+    stripped = text.strip()
+    if not (stripped.startswith("{") and len(stripped.splitlines()) > 1):
+        return False
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return True
+    return False  # one pretty-printed object, not JSON Lines
+
+
+def _parse(text: str, source: str, jsonl: bool | None) -> list[Any]:
     stripped = text.lstrip()
     if not stripped:
         raise DatasetError(f"{source}: the file is empty (no entries)")
     if jsonl is None:
-        # Detect: a JSON document is one list; JSON Lines starts with an object per line.
-        jsonl = stripped.startswith("{") and len(stripped.rstrip().splitlines()) > 1
-        if jsonl:
-            try:
-                json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
-                pass
-            else:  # one pretty-printed object, not JSON Lines
-                jsonl = False
+        jsonl = _is_jsonl(text)
     if jsonl:
         return _parse_jsonl(text, source)
     try:
@@ -145,7 +149,7 @@ def _parse(text: str, source: str, jsonl: bool | None) -> list:
     return data
 
 
-def validate_entries(entries: Sequence, source: str = "<data>") -> list[dict]:
+def validate_entries(entries: Sequence[Any], source: str = "<data>") -> list[dict[str, Any]]:
     """Check every entry has string `instruction`/`input`/`output`, non-empty where required."""
     if len(entries) == 0:
         raise DatasetError(f"{source}: the dataset has no entries")
@@ -170,8 +174,8 @@ def validate_entries(entries: Sequence, source: str = "<data>") -> list[dict]:
 
 
 def load_instruction_data(
-    path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None
-) -> list[dict]:
+    path: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None
+) -> list[dict[str, Any]]:
     """The chapter's entries from `path`, else $COURSE_DATASET, else a verified download."""
     if path is None and os.environ.get(DATASET_ENV, "").strip():
         path = os.environ[DATASET_ENV].strip()
@@ -197,13 +201,13 @@ def load_instruction_data(
 class DataSplits(NamedTuple):
     """The three portions of the dataset, in the chapter's order of use."""
 
-    train: list[dict]
-    validation: list[dict]
-    test: list[dict]
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
 
 
 def split_data(
-    data: Sequence[dict],
+    data: Sequence[dict[str, Any]],
     train_frac: float = 0.85,
     test_frac: float = 0.10,
     *,

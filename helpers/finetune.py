@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,16 +28,16 @@ from helpers.atomic import atomic_path, atomic_write_text
 from helpers.batching import Loaders, make_loaders
 from helpers.config import is_pretrained_preset
 from helpers.data import DatasetError, DataSplits, DownloadError, load_instruction_data, split_data
-from helpers.generate import generate_test_responses
+from helpers.generate import GenerationSettings, generate_test_responses
 from helpers.lora.adapters import save_lora_adapters
 from helpers.lora.layers import (
-    apply_lora,
     count_parameters,
     lora_settings,
     merge_lora,
     parameter_report,
 )
 from helpers.model import GPTModel
+from helpers.review.metrics import CONSTANT_ANSWER, answer_report
 from helpers.run.checkpoints import (
     CheckpointError,
     checkpoint_bytes,
@@ -73,8 +74,17 @@ class RunError(ValueError):
 
 
 # What the command line reports as one line (exit code 2) instead of a traceback.
-EXPECTED_ERRORS = (RunError, DatasetError, DownloadError, CheckpointError, CheckpointFileError,
-                   CheckpointMismatchError, FloatingPointError, OutputDirError, OSError)  # fmt: skip
+EXPECTED_ERRORS = (
+    RunError,
+    DatasetError,
+    DownloadError,
+    CheckpointError,
+    CheckpointFileError,
+    CheckpointMismatchError,
+    FloatingPointError,
+    OutputDirError,
+    OSError,
+)
 
 
 class Loaded(NamedTuple):
@@ -82,7 +92,7 @@ class Loaded(NamedTuple):
 
     splits: DataSplits
     loaders: Loaders
-    test_entries: list
+    test_entries: list[dict[str, Any]]
 
 
 class Built(NamedTuple):
@@ -108,12 +118,20 @@ def load(settings: FinetuneSettings) -> Loaded:
         )
     if settings.chapter_compat:  # the chapter's loaders shuffle from the global RNG, seeded so
         torch.manual_seed(settings.train.seed)
-    loaders = make_loaders(splits, batch_size=settings.batch_size, style=settings.style,
-                           mask_prompt=settings.mask_prompt, allowed_max_length=settings.max_length,
-                           grouped=settings.grouped, seed=settings.train.seed,
-                           chapter_compat=settings.chapter_compat)  # fmt: skip
-    print(f"Data: {len(splits.train)} train, {len(splits.validation)} validation, "
-          f"{len(splits.test)} test entries")  # fmt: skip
+    loaders = make_loaders(
+        splits,
+        batch_size=settings.batch_size,
+        style=settings.style,
+        mask_prompt=settings.mask_prompt,
+        allowed_max_length=settings.max_length,
+        grouped=settings.grouped,
+        seed=settings.train.seed,
+        chapter_compat=settings.chapter_compat,
+    )
+    print(
+        f"Data: {len(splits.train)} train, {len(splits.validation)} validation, "
+        f"{len(splits.test)} test entries"
+    )
     test = splits.test[: settings.test_limit] if settings.test_limit else splits.test
     return Loaded(splits, loaders, list(test))
 
@@ -131,8 +149,10 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
         weights = "random init"
     _add_lora(settings, model)  # before the losses and training (a checkpoint has its keys)
     if settings.max_length > model.cfg.context_length:
-        raise RunError(f"--max-length {settings.max_length} exceeds the model's context length "
-                       f"{model.cfg.context_length}")  # fmt: skip
+        raise RunError(
+            f"--max-length {settings.max_length} exceeds the model's context length "
+            f"{model.cfg.context_length}"
+        )
     # Fail now, not after hours of training: the folder must take the model and a checkpoint.
     early = settings.train.early_stopping_patience is not None
     ckpt = checkpoint_bytes(model, early_stopping=early) if settings.checkpoint else 0
@@ -141,25 +161,36 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
     model.to(device)
     label = describe_model(settings.model, weights)
     print(f"Model: {label} on {device}")
-    if settings.lora_rank is not None:
+    if settings.lora is not None:
         print(parameter_report(model))
     model.eval()
-    initial = {split: calc_loss_loader(getattr(loaded.loaders, split), model, device,
-                                       num_batches=settings.train.eval_iter)
-               for split in ("train", "validation")}  # fmt: skip
+    initial = {
+        split: calc_loss_loader(
+            getattr(loaded.loaders, split), model, device, num_batches=settings.train.eval_iter
+        )
+        for split in ("train", "validation")
+    }
     print(f"Initial loss: train {initial['train']:.3f}, validation {initial['validation']:.3f}")
     return Built(model, weights, label, device, initial, count_parameters(model))
 
 
 def _add_lora(settings: FinetuneSettings, model: GPTModel) -> None:
     """With --lora-rank: freeze `model` and add seeded LoRA adapters (in place)."""
-    if settings.lora_rank is None:
+    if settings.lora is None:
         return
-    assert settings.lora_alpha is not None  # FinetuneSettings resolves it (default: the rank)
     with torch.random.fork_rng(devices=[]):  # the same A matrices on every run
         torch.manual_seed(settings.train.seed)
-        apply_lora(model, settings.lora_rank, settings.lora_alpha, settings.lora_targets,
-                   rank_scaled=settings.lora_rank_scaled)  # fmt: skip
+        settings.lora.apply(model)
+
+
+def generation_settings(settings: FinetuneSettings, max_new_tokens: int) -> GenerationSettings:
+    """How the run generates answers: `max_new_tokens` each, in its prompt style and mode."""
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        style=settings.style,
+        chapter_compat=settings.chapter_compat,
+        batch_size=settings.batch_size,
+    )
 
 
 def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFrame:
@@ -182,10 +213,8 @@ def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFram
         resume_from=settings.checkpoint_dir if settings.resume else None,
         on_epoch_end=sample_printer(
             loaded.splits.validation[0],
-            style=settings.style,
-            max_new_tokens=settings.sample_max_new_tokens,
-            chapter_compat=settings.chapter_compat,
-        ),  # fmt: skip
+            generation_settings(settings, settings.sample_max_new_tokens),
+        ),
     )
     history.attrs["training_minutes"] = (time.perf_counter() - start) / 60
     print(f"Training completed in {history.attrs['training_minutes']:.2f} minutes.")
@@ -194,7 +223,7 @@ def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFram
 
 def write(
     settings: FinetuneSettings, loaded: Loaded, built: Built, history: pd.DataFrame, started: float
-) -> dict:
+) -> dict[str, Any]:
     """Model first (the most precious file), then history, plot, responses and summary.json.
 
     A LoRA run first writes its adapters (small), then merges them into the model (in place)
@@ -204,9 +233,13 @@ def write(
 
     out = settings.output_dir
     model_file = out / finetuned_path(settings.model).name
-    meta = {"base_model": settings.model, "weights": f"{built.weights}, fine-tuned",
-            "prompt_style": settings.style, "mask_prompt": settings.mask_prompt,
-            "chapter_compat": settings.chapter_compat}  # fmt: skip
+    meta = {
+        "base_model": settings.model,
+        "weights": f"{built.weights}, fine-tuned",
+        "prompt_style": settings.style,
+        "mask_prompt": settings.mask_prompt,
+        "chapter_compat": settings.chapter_compat,
+    }
     lora = _write_adapters(settings, built, out / ADAPTERS_NAME, meta)
     if lora:
         meta |= {"weights": f"{built.weights}, LoRA fine-tuned (merged)", "lora": lora}
@@ -215,25 +248,32 @@ def write(
         history.to_csv(tmp, index=False)
     plot_files = save_loss_plot(plot_losses(history, title=built.label), out / "loss-plot")
     built.model.eval()
-    generate_test_responses(
-        built.model, loaded.test_entries, out / RESPONSES_NAME, model_name=settings.model,
-        checkpoint=model_file.name, style=settings.style, max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.batch_size, progress=settings.progress,
-        chapter_compat=settings.chapter_compat,
-        extra_metadata={"weights": meta["weights"], "description": built.label,
-                        "mask_prompt": settings.mask_prompt},
-    )  # fmt: skip
+    responses = generate_test_responses(
+        built.model,
+        loaded.test_entries,
+        out / RESPONSES_NAME,
+        generation_settings(settings, settings.max_new_tokens),
+        model_name=settings.model,
+        checkpoint=model_file.name,
+        progress=settings.progress,
+        extra_metadata={
+            "weights": meta["weights"],
+            "description": built.label,
+            "mask_prompt": settings.mask_prompt,
+        },
+    )
     files = [*plot_files, out / RESPONSES_NAME, model_file, out / HISTORY_NAME]
     files += [out / lora["adapters"]] if lora else []
-    summary = summarize(settings, loaded, built, history, sorted(p.name for p in files), lora)
+    names = sorted(p.name for p in files)
+    summary = summarize(settings, loaded, built, history, names, lora, answers=responses.entries)
     summary["total_minutes"] = round((time.perf_counter() - started) / 60, 3)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def _write_adapters(
-    settings: FinetuneSettings, built: Built, path: Path, meta: dict
-) -> dict | None:
+    settings: FinetuneSettings, built: Built, path: Path, meta: dict[str, Any]
+) -> dict[str, Any] | None:
     """A LoRA run's adapters into `path`, then merged into the model; their settings (or None)."""
     lora = lora_settings(built.model)
     if lora is None:
@@ -244,7 +284,7 @@ def _write_adapters(
         extra["base_seed"] = settings.train.seed
     save_lora_adapters(built.model, path, metadata=extra)
     merge_lora(built.model)  # a plain GPTModel again: save_model, review and serve load it
-    return {**lora, "adapters": path.name}
+    return {**asdict(lora), "adapters": path.name}
 
 
 # --- summary.json: what the run did, and its printed summary ---
@@ -256,11 +296,15 @@ def summarize(
     built: Built,
     history: pd.DataFrame,
     files: list[str],
-    lora: dict | None = None,
+    lora: dict[str, Any] | None = None,
+    *,
+    answers: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """summary.json's content (without total_minutes, which the caller adds last).
 
     `lora`: the LoRA settings and adapter file name of a LoRA run (None: full fine-tuning).
+    `answers`: the test entries with their answers, scored against the baselines
+    (helpers.review.metrics.answer_report).
     """
     has = bool(len(history))
     best = history["val_loss"].idxmin() if has and history["val_loss"].notna().any() else None
@@ -277,28 +321,29 @@ def summarize(
             "train": len(loaded.splits.train),
             "validation": len(loaded.splits.validation),
             "test": len(loaded.test_entries),
-        },  # fmt: skip
+        },
         "initial_loss": built.initial_loss,
         "final_loss": {"train": float(last["train_loss"]), "validation": float(last["val_loss"])}
         if last is not None
-        else None,  # fmt: skip
+        else None,
         "best_validation": {
             "step": int(history["step"][best]),
             "loss": float(history["val_loss"][best]),
         }
         if best is not None
-        else None,  # fmt: skip
+        else None,
         "stopped_early": history.attrs.get("stopped_early", False),
         "steps": int(last["step"]) + 1 if last is not None else 0,
         "training_minutes": round(history.attrs.get("training_minutes", 0.0), 3),
         "checkpoint_error": history.attrs.get("checkpoint_error"),
+        "answers": answer_report(answers) if answers else None,
         # Run options and hyper-parameters in one flat table (output_dir as text).
         "settings": json.loads(json.dumps({**run_settings, **asdict(settings.train)}, default=str)),
         "files": files,
     }
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict[str, Any], out: Path) -> None:
     """The summary's human-readable lines, printed at the end of the run."""
     print("\n=== Fine-tuning summary ===")
     print(f"Model:          {summary['model']}")
@@ -314,14 +359,35 @@ def print_summary(summary: dict, out: Path) -> None:
         b = summary["best_validation"]
         stopped = " (stopped early)" if summary["stopped_early"] else ""
         print(f"Best val loss:  {b['loss']:.3f} at step {b['step']}{stopped}")
-    print(f"Training time:  {summary['training_minutes']:.2f} min "
-          f"(total {summary['total_minutes']:.2f} min)")  # fmt: skip
+    print(
+        f"Training time:  {summary['training_minutes']:.2f} min "
+        f"(total {summary['total_minutes']:.2f} min)"
+    )
+    if summary.get("answers"):
+        _print_answers(summary["answers"])
     print(f"Output folder:  {out}")
     for name in summary["files"]:
         print(f"  - {name}")
 
 
-def run(settings: FinetuneSettings) -> dict:
+def _print_answers(report: dict[str, Any]) -> None:
+    """The test answers' ROUGE-L and repetition share next to the baselines and the book's."""
+    base, book = report["baselines_rougeL"], report["book_gpt2_medium"]
+    print(
+        f"Test answers:   {report['n']}: ROUGE-L {report['rougeL']:.3f}, "
+        f"{report['repetition']:.0%} repeat a 3-word sequence, {report['empty']} empty"
+    )
+    print(
+        f"  baselines:    ROUGE-L {base['constant answer']:.3f} answering {CONSTANT_ANSWER!r} "
+        f"to everything, {base['copy the input']:.3f} copying the input"
+    )
+    print(
+        f"  the book:     ROUGE-L {book['rougeL']:.3f}, {book['repetition']:.0%} repeating "
+        "(its GPT-2 medium on the chapter's 110 test entries)"
+    )
+
+
+def run(settings: FinetuneSettings) -> dict[str, Any]:
     """The chapter's run: load, build, fit, write; returns the summary it also writes."""
     start = time.perf_counter()
     loaded = load(settings)
@@ -335,8 +401,11 @@ def run(settings: FinetuneSettings) -> dict:
 def _interrupted(exc: KeyboardInterrupt) -> int:
     # Say --resume only when there is something to resume from.
     if isinstance(exc, TrainingInterrupted) and exc.checkpoint is not None:
-        print(f"\nInterrupted ({exc.signal_name}) at step {exc.step}: checkpoint saved in "
-              f"{exc.checkpoint}; rerun with --resume to continue.", file=sys.stderr)  # fmt: skip
+        print(
+            f"\nInterrupted ({exc.signal_name}) at step {exc.step}: checkpoint saved in "
+            f"{exc.checkpoint}; rerun with --resume to continue.",
+            file=sys.stderr,
+        )
     else:
         print("\nInterrupted; no checkpoint was saved.", file=sys.stderr)
     name = exc.signal_name if isinstance(exc, TrainingInterrupted) else "SIGINT"
@@ -361,8 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["checkpoint_error"]:
-        print(f"error: {summary['checkpoint_error']} (the model and results were written)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {summary['checkpoint_error']} (the model and results were written)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

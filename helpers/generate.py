@@ -1,14 +1,20 @@
 """Text generation: greedy or sampled, KV cache, batches of prompts of different lengths.
 
-`generate_responses` answers instruction entries; `generate_test_responses` does the same
-for the test split and records how (model, checkpoint, prompt style, settings) in a
-response file (helpers.review.responses).
+`GenerationSettings` says how (length, temperature, top-k, seed, where to stop, prompt
+style). `generate_steps` is the one decoding loop: every caller consumes its steps, to the
+end (`generate`, `generate_batch`, `generate_responses`) or token by token as they are made
+(`generate_stream`, what the chat server streams from). `generate_responses` answers
+instruction entries; `generate_test_responses` does the same for the test split and records
+how (model, checkpoint, prompt style, settings) in a response file (helpers.review.responses).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,10 +22,85 @@ from typing import Any
 import torch
 
 from helpers.model import GPTModel, eval_mode
-from helpers.prompts import extract_response, format_prompt
+from helpers.prompts import extract_response, format_prompt, get_style
 from helpers.review.responses import RESPONSE_KEY, ResponseSet, save_responses
 from helpers.tokenizer import EOS_ID, decode, encode
 from helpers.widgets.progress import tqdm
+
+# Temperatures below this decode greedily: softmax(logits / T) would overflow float32 (NaN
+# probabilities) and is the argmax anyway. The server's requests follow the same rule.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+# One step of the decoding loop: (prompt index, new token id) for each prompt still going.
+Step = list[tuple[int, int]]
+
+
+def is_greedy(temperature: float) -> bool:
+    """True when `temperature` means greedy decoding (0, or below MIN_SAMPLING_TEMPERATURE)."""
+    return temperature < MIN_SAMPLING_TEMPERATURE
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How text is generated, checked once when made; `dataclasses.replace` makes a variant.
+
+    Decoding: `max_new_tokens`; greedy when `temperature` is 0, else sampled (from the
+    `top_k` best tokens only, if given; the same `seed`, the same tokens); a row stops at
+    `eos_id`, which is not returned (None: never early); `use_cache` keeps a KV cache (False
+    recomputes every position, the chapter's way: the same tokens, slower). Instruction
+    entries (`generate_responses`): the prompt `style`, `chapter_compat` (the chapter's
+    prompt and answer extraction) and `batch_size` (prompts generated together).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int | None = None
+    eos_id: int | None = EOS_ID
+    use_cache: bool = True
+    style: str = "alpaca"
+    chapter_compat: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        n, t, k, eos = self.max_new_tokens, self.temperature, self.top_k, self.eos_id
+        number = isinstance(t, (int, float)) and not isinstance(t, bool)
+        checks = (
+            ("max_new_tokens", _is_int(n) and n >= 0, "an integer >= 0"),
+            ("temperature", number and math.isfinite(t) and t >= 0, "a finite number >= 0"),
+            ("top_k", k is None or (_is_int(k) and k >= 1), "None or an integer >= 1"),
+            ("seed", self.seed is None or _is_int(self.seed), "None or an integer"),
+            ("eos_id", eos is None or (_is_int(eos) and eos >= 0), "None or a token id"),
+            ("use_cache", isinstance(self.use_cache, bool), "True or False"),
+            ("chapter_compat", isinstance(self.chapter_compat, bool), "True or False"),
+            ("batch_size", _is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+        )
+        for name, ok, what in checks:
+            if not ok:
+                value = getattr(self, name)
+                raise ValueError(f"GenerationSettings.{name} must be {what}, got {value!r}")
+        get_style(self.style)  # ValueError listing the valid styles
+
+    @property
+    def decoding(self) -> str:
+        """'greedy' or 'sampling': what the temperature means."""
+        return "greedy" if is_greedy(self.temperature) else "sampling"
+
+    def metadata(self) -> dict[str, Any]:
+        """The settings a response file records under "generation"."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "decoding": self.decoding,
+            "chapter_compat": self.chapter_compat,
+        }
 
 
 def _fit_prompts(
@@ -41,21 +122,11 @@ def _fit_prompts(
             warnings.warn(
                 f"prompt {i} has {len(p)} tokens; keeping its last {budget} so that "
                 f"{max_new_tokens} new tokens fit the context of {context_size}",
-                stacklevel=3,
+                stacklevel=4,  # the caller of generate / generate_batch / generate_stream
             )
             p = p[-budget:]
         fitted.append(p)
     return fitted
-
-
-# Temperatures below this decode greedily: softmax(logits / T) would overflow float32 (NaN
-# probabilities) and is the argmax anyway. The same rule as the server's (helpers.serve.api).
-MIN_SAMPLING_TEMPERATURE = 1e-5
-
-
-def is_greedy(temperature: float) -> bool:
-    """True when `temperature` means greedy decoding (0, or below MIN_SAMPLING_TEMPERATURE)."""
-    return temperature < MIN_SAMPLING_TEMPERATURE
 
 
 def sample_next_token(
@@ -80,81 +151,91 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-@torch.inference_mode()
-def _generate_ids(
+def generate_steps(
     model: GPTModel,
-    prompts: list[list[int]],
-    max_new_tokens: int,
+    prompts: Sequence[Sequence[int]],
+    settings: GenerationSettings,
     *,
-    temperature: float,
-    top_k: int | None,
-    eos_id: int | None,
-    use_cache: bool,
-    generator: torch.Generator | None,
-) -> list[list[int]]:
-    """Core loop: new tokens of each (already fitted) prompt, eos excluded."""
-    vocab = model.cfg.vocab_size
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
+    context_size: int | None = None,
+) -> Generator[Step, None, None]:
+    """The decoding loop, one step at a time: each step is the (prompt index, token) pairs
+    of the prompts still generating (eos ends a prompt and is not returned).
+
+    Prompts are checked and cut to fit `context_size` (default: the model's) here, before
+    the first step; the steps run in eval mode and without autograd. Stop early by closing
+    the iterator (or dropping it).
+    """
+    vocab, top_k = model.cfg.vocab_size, settings.top_k
+    if top_k is not None and top_k > vocab:
         raise ValueError(f"top_k must be None or an integer from 1 to {vocab}, got {top_k!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    device = model.wte.weight.device
-    n = len(prompts)
+    context = min(context_size or model.cfg.context_length, model.cfg.context_length)
+    return _steps(model, _fit_prompts(prompts, settings.max_new_tokens, context), settings)
+
+
+def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (B, L): prompts padded on the left, mask 1 on real tokens."""
     width = max(len(p) for p in prompts)
+    pad = 0  # any valid id: padded positions are masked out
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.inference_mode()
+def _steps(
+    model: GPTModel, prompts: list[list[int]], settings: GenerationSettings
+) -> Generator[Step, None, None]:
+    """The loop of `generate_steps` for prompts that fit the context."""
+    if not prompts:
+        return
+    device = model.wte.weight.device
+    generator = None  # None: the global RNG decides (torch.manual_seed, as in the chapter)
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
     # Left padding puts every row's last real token in the last column, so one step
     # appends one column for all rows; the mask hides the pads, position ids skip them.
-    pad = 0  # any valid id: padded positions are masked out
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, L)
-    mask = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device
-    )  # (B, L)
+    ids, mask = _left_pad(prompts, device)  # (B, L)
     padded = bool((mask == 0).any())
-    outputs: list[list[int]] = [[] for _ in range(n)]
-    rows = torch.arange(n, device=device)  # original index of each row still generating
-    cache = model.new_kv_cache(n, width + max_new_tokens) if use_cache else None
-
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        if cache is not None:
-            positions = (mask.cumsum(-1) - 1)[:, -step_ids.shape[1] :].clamp(min=0)
+    rows = list(range(len(prompts)))  # the prompt index of each row still going
+    cache = None
+    if settings.use_cache:
+        cache = model.new_kv_cache(len(prompts), ids.shape[1] + settings.max_new_tokens)
+    step_ids = ids  # with a cache: the prompt, then only each step's new token
+    with eval_mode(model):
+        for _ in range(settings.max_new_tokens):
             logits = model(
-                step_ids,
+                step_ids if cache is not None else ids,
                 attention_mask=mask if padded else None,
-                position_ids=positions,
                 kv_cache=cache,
                 last_only=True,
-            )
-        else:
-            logits = model(ids, attention_mask=mask if padded else None, last_only=True)
-        next_ids = sample_next_token(logits[:, -1].float(), temperature, top_k, generator)  # (B,)
+            )  # (B, 1, V)
+            next_ids = sample_next_token(
+                logits[:, -1].float(), settings.temperature, settings.top_k, generator
+            )  # (B,)
+            tokens = next_ids.tolist()
+            going = [i for i, t in enumerate(tokens) if t != settings.eos_id]  # eos ends a row
+            if not going:
+                return
+            if len(going) < len(tokens):
+                # Drop finished rows so the remaining steps compute only what is needed.
+                keep = torch.tensor(going, device=device)
+                rows, next_ids = [rows[i] for i in going], next_ids[keep]
+                ids, mask = ids[keep], mask[keep]
+                if cache is not None:
+                    cache.select(keep)
+            yield [(row, tokens[i]) for row, i in zip(rows, going, strict=True)]
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)  # (B, L + 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_ids = next_ids[:, None]  # (B, 1)
 
-        done = (
-            next_ids == eos_id
-            if eos_id is not None
-            else torch.zeros_like(next_ids, dtype=torch.bool)
-        )
-        for row, tok, fin in zip(rows.tolist(), next_ids.tolist(), done.tolist(), strict=True):
-            if not fin:
-                outputs[row].append(tok)
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            # Drop finished rows so the remaining steps only compute what is still needed.
-            rows, next_ids = rows[keep], next_ids[keep]
-            ids, mask = ids[keep], mask[keep]
-            if cache is not None:
-                cache.select(keep)
-        ids = torch.cat([ids, next_ids[:, None]], dim=1)  # (B, L + 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_ids = next_ids[:, None]  # (B, 1): with a cache only the new token is fed
+
+def _collect(steps: Iterator[Step], n: int) -> list[list[int]]:
+    """Run `steps` to the end: the new tokens of each of the `n` prompts."""
+    outputs: list[list[int]] = [[] for _ in range(n)]
+    for step in steps:
+        for row, token in step:
+            outputs[row].append(token)
     return outputs
-
-
-def _seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def generate(
@@ -171,23 +252,19 @@ def generate(
     """The chapter's `generate`: (B, T) ids -> (B, T + new) ids, prompt included.
 
     Greedy when `temperature` is 0 (or below MIN_SAMPLING_TEMPERATURE), else sampled
-    (optionally from the `top_k` best tokens).
+    (optionally from the `top_k` best tokens) with the global RNG (`torch.manual_seed`).
     A row stops at `eos_id`; as in the chapter the eos token itself is not appended, and
     rows that stop early are filled with `eos_id` up to the longest row.
     """
-    context_size = min(context_size or model.cfg.context_length, model.cfg.context_length)
-    prompts = _fit_prompts(idx.tolist(), max_new_tokens, context_size)
-    with eval_mode(model):
-        new = _generate_ids(
-            model,
-            prompts,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            eos_id=eos_id,
-            use_cache=use_cache,
-            generator=None,  # like the chapter: torch.manual_seed before the call decides
-        )
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=eos_id,
+        use_cache=use_cache,
+    )
+    steps = generate_steps(model, idx.tolist(), settings, context_size=context_size)
+    new = _collect(steps, len(idx))
     longest = max(len(t) for t in new)
     fill = eos_id if eos_id is not None else 0
     tail = torch.tensor([t + [fill] * (longest - len(t)) for t in new], dtype=idx.dtype)
@@ -195,71 +272,58 @@ def generate(
 
 
 def generate_batch(
-    model: GPTModel,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    eos_id: int | None = EOS_ID,
-    use_cache: bool = True,
-    seed: int | None = None,
+    model: GPTModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings
 ) -> list[list[int]]:
     """New tokens (eos excluded) for prompts of different lengths, generated together."""
-    if not prompts:
-        return []
-    fitted = _fit_prompts(prompts, max_new_tokens, model.cfg.context_length)
-    with eval_mode(model):
-        return _generate_ids(
-            model,
-            fitted,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            eos_id=eos_id,
-            use_cache=use_cache,
-            generator=_seeded_generator(seed, model.wte.weight.device),
-        )
+    return _collect(generate_steps(model, prompts, settings), len(prompts))
+
+
+def generate_stream(
+    model: GPTModel, prompt: Sequence[int], settings: GenerationSettings
+) -> Generator[int, None, None]:
+    """New token ids of one prompt, each as soon as it is made (eos ends it, unreturned).
+
+    The same loop and tokens as `generate_batch(model, [prompt], settings)[0]`; the prompt
+    is checked now, not at the first token. Closing the iterator stops the generation.
+    """
+    steps = generate_steps(model, [prompt], settings)
+
+    def tokens() -> Generator[int, None, None]:
+        with closing(steps):  # stopping early leaves eval mode at once, not at garbage collection
+            for [(_, token)] in steps:  # one prompt: one (index, token) pair per step
+                yield token
+
+    return tokens()
 
 
 def generate_responses(
     model: GPTModel,
     entries: Sequence[Mapping[str, str]],
+    settings: GenerationSettings = GenerationSettings(),
     *,
-    style: str = "alpaca",
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int | None = None,
     progress: bool = True,
-    chapter_compat: bool = False,
 ) -> list[str]:
     """The model's response text to each entry's formatted prompt, in the entries' order.
 
-    With `chapter_compat=True` the chapter's section 7.7: the prompt is `format_input(entry)`
-    (no response header; the model writes it) and the answer is the new text with the header
-    removed and stripped, nothing else cut (`extract_response(..., chapter_compat=True)`).
-    The chapter generates one entry at a time: `batch_size=1` also avoids padding.
+    With `settings.chapter_compat` the chapter's section 7.7: the prompt is
+    `format_input(entry)` (no response header; the model writes it) and the answer is the new
+    text with the header removed and stripped, nothing else cut (`extract_response(...,
+    chapter_compat=True)`). The chapter generates one entry at a time: `batch_size=1` also
+    avoids padding. With a `seed`, batch number i is sampled with seed + its first index.
     """
-    prompts = [encode(format_prompt(e, style, chapter_compat=chapter_compat)) for e in entries]
+    style, compat = settings.style, settings.chapter_compat
+    prompts = [encode(format_prompt(e, style, chapter_compat=compat)) for e in entries]
     # Batches of similar length waste little compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="Generating", unit="entry", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        new = generate_batch(
-            model,
-            [prompts[i] for i in chunk],
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=None if seed is None else seed + start,
-        )
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        seed = None if settings.seed is None else settings.seed + start
+        new = generate_batch(model, [prompts[i] for i in chunk], replace(settings, seed=seed))
         for i, tokens in zip(chunk, new, strict=True):
             # `tokens` are the new tokens only: no prompt to cut from the front.
-            responses[i] = extract_response(decode(tokens), style, chapter_compat=chapter_compat)
+            responses[i] = extract_response(decode(tokens), style, chapter_compat=compat)
         bar.update(len(chunk))
     bar.close()
     return responses
@@ -269,19 +333,13 @@ def generate_test_responses(
     model: GPTModel,
     entries: Sequence[Mapping[str, Any]],
     path: str | Path | None = None,
+    settings: GenerationSettings = GenerationSettings(),
     *,
     model_name: str,
     checkpoint: str | None = None,
-    style: str = "alpaca",
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int | None = None,
     progress: bool = True,
     response_key: str = RESPONSE_KEY,
     extra_metadata: Mapping[str, Any] | None = None,
-    chapter_compat: bool = False,
 ) -> ResponseSet:
     """Answer every entry with `generate_responses` (greedy by default); save to `path` if given.
 
@@ -289,32 +347,13 @@ def generate_test_responses(
     `chapter_compat`, the chapter's prompt and extraction), plus `extra_metadata` (e.g. the
     fine-tuning options that produced the model).
     """
-    answers = generate_responses(
-        model,
-        list(entries),
-        style=style,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        temperature=temperature,
-        top_k=top_k,
-        seed=seed,
-        progress=progress,
-        chapter_compat=chapter_compat,
-    )
+    answers = generate_responses(model, list(entries), settings, progress=progress)
     out = [{**dict(e), response_key: a} for e, a in zip(entries, answers, strict=True)]
     metadata = {
         "model": model_name,
         "checkpoint": checkpoint,
-        "prompt_style": style,
-        "generation": {
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_k": top_k,
-            "seed": seed,
-            "batch_size": batch_size,
-            "decoding": "greedy" if is_greedy(temperature) else "sampling",
-            "chapter_compat": chapter_compat,
-        },
+        "prompt_style": settings.style,
+        "generation": settings.metadata(),
         "n_entries": len(out),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra_metadata or {}),

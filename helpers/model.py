@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,7 @@ class GPTModel(nn.Module):
     False: then it is a separate parameter, trained on its own, as the chapter's `out_head`.
     """
 
-    def __init__(self, cfg: GPTConfig | Mapping) -> None:
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
         super().__init__()
         if isinstance(cfg, Mapping):  # the chapter passes a plain dict
             cfg = GPTConfig(**cfg)

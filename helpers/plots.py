@@ -44,7 +44,11 @@ def overfitting_onset(history: Any, tolerance: float = 0.0) -> int | None:
 
 
 def plot_losses(
-    history: Any, *, title: str | None = None, mark: bool = True, figsize: tuple = (6, 3.5)
+    history: Any,
+    *,
+    title: str | None = None,
+    mark: bool = True,
+    figsize: tuple[float, float] = (6, 3.5),
 ) -> Figure:
     """Training and validation loss vs epochs (tokens seen on the top axis), best point marked."""
     df = _frame(history)
@@ -90,7 +94,7 @@ def plot_losses(
     return fig
 
 
-def save_loss_plot(fig: Figure, path_stem: str | os.PathLike) -> list[Path]:
+def save_loss_plot(fig: Figure, path_stem: str | os.PathLike[str]) -> list[Path]:
     """Save `fig` as `<stem>.png` and `<stem>.pdf`, each written atomically."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -38,13 +38,74 @@ def describe_model(name: str, weights: str | None = None) -> str:
     return label
 
 
+class DeviceError(ValueError):
+    """A device this machine does not have (or no device name at all); names the ones it has."""
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """The device names this machine can run on: cpu, then cuda and cuda:N, then mps."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
+def _device_trouble(name: str) -> str | None:
+    """Why this machine cannot run on device `name`, or None if it can."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return "is not a device name (this course runs on cpu, cuda, cuda:N or mps)"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "is not available: PyTorch finds no CUDA GPU (no GPU or driver, or a CPU-only build)"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"is not available: this machine has {count} CUDA device(s)"
+        return None
+    if device.type == "mps":
+        return None if _mps_available() else "is not available: this machine has no Apple MPS"
+    return f"is not a device this course runs on ({device.type}; it runs on cpu, cuda or mps)"
+
+
+def check_device(name: str) -> torch.device:
+    """`name` as a torch.device if this machine has it, else DeviceError naming the ones it has."""
+    trouble = _device_trouble(name)
+    if trouble is not None:
+        raise DeviceError(
+            f"device {name!r} {trouble}; available here: {', '.join(available_devices())}"
+        )
+    return torch.device(name)
+
+
+def device_problem(value: object) -> str | None:
+    """What is wrong with a --device value (None: the best available), or None (a settings check)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"must be a device name such as cpu or cuda, got {value!r}"
+    try:
+        check_device(value)
+    except DeviceError as err:
+        return str(err)
+    return None
+
+
 def get_device(prefer: str | None = None) -> torch.device:
-    """`prefer` if given, else CUDA, then Apple MPS, then CPU."""
-    if prefer:
-        return torch.device(prefer)
+    """`prefer` if given (DeviceError if this machine lacks it), else CUDA, then Apple MPS, then CPU."""
+    if prefer is not None:
+        return check_device(prefer)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -73,7 +134,7 @@ class OutputDirError(OSError):
     """An output folder cannot take a run's files (not writable, too little free space)."""
 
 
-def check_output_dir(path: str | os.PathLike, needed_bytes: int = 0) -> Path:
+def check_output_dir(path: str | os.PathLike[str], needed_bytes: int = 0) -> Path:
     """Create `path` if needed and check, before a long run, that it can take `needed_bytes`."""
     path = Path(path)
     try:
@@ -90,4 +151,27 @@ def check_output_dir(path: str | os.PathLike, needed_bytes: int = 0) -> Path:
             f"output folder {path} has {free / 2**20:.0f} MiB free; this run needs about "
             f"{needed_bytes / 2**20:.0f} MiB (model, checkpoint): free space or pick --output-dir"
         )
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str, *, append: bool = False) -> Path:
+    """Check, before a long job, that `path` can be written as a file; errors name `flag`.
+
+    Makes its folder and writes a hidden probe there, as the atomic save will; `append=True`
+    (a log appended to in place) also needs an existing file to be writable.
+    """
+    path = Path(path)
+    if "\x00" in str(path):
+        raise OutputDirError(f"{flag} {str(path)!r}: not a usable file name (a NUL character)")
+    if path.is_dir():
+        raise OutputDirError(f"{flag} {path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}."):
+            pass
+        if append and path.exists():
+            with path.open("a"):
+                pass
+    except OSError as exc:
+        raise OutputDirError(f"{flag} {path}: not writable ({exc.strerror or exc})") from exc
     return path

@@ -1,19 +1,21 @@
 """The chapter's training loop (`train`), with the extensions a real fine-tuning run needs.
 
 `train` is the chapter's `train_model_simple` (AdamW, evaluate every `eval_freq` steps on
-`eval_iter` batches, something to look at after each epoch) plus small named extensions:
-gradient accumulation and clipping, a warmup + cosine schedule, bf16 autocast on CUDA, early
-stopping, NaN checks, and checkpoints for an exact resume (the format lives in
-helpers.run.checkpoints). Settings come from `TrainConfig` (hyper-parameters) and `RunOptions`
-(progress, logging, checkpoints), both in helpers.run.train_config.
+`eval_iter` batches, something to look at after each epoch) plus small named extensions
+(helpers.run.train_extensions): gradient accumulation and clipping, a warmup + cosine
+schedule, bf16 autocast on CUDA, early stopping, NaN checks, signal handling and checkpoints
+for an exact resume (the format lives in helpers.run.checkpoints). Settings come from
+`TrainConfig` (hyper-parameters) and `RunOptions` (progress, logging, checkpoints), both in
+helpers.run.train_config. What is minimised is an `Objective`: by default the chapter's
+next-token loss (`next_token_objective`); DPO (helpers.dpo.train) brings its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -21,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from helpers.batching import IGNORE_INDEX, loader_generators
+from helpers.batching import IGNORE_INDEX
 from helpers.model import eval_mode
-from helpers.run.checkpoints import TrainState
+from helpers.run.checkpoints import CHAPTER_OBJECTIVE, TrainState
 from helpers.run.train_config import RunOptions, TrainConfig, lr_factor
 from helpers.run.train_extensions import (
     LossWatch,
@@ -33,8 +35,8 @@ from helpers.run.train_extensions import (
     autocast,
     check_finite,
     epoch_batches,
-    eval_pending,
     finish_gradients,
+    pending_evaluation,
     step_due,
     update_early_stopping,
 )
@@ -43,6 +45,11 @@ from helpers.widgets.progress import tqdm
 
 HISTORY_COLUMNS = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"]
 EpochEndCallback = Callable[[torch.nn.Module, int], Any]
+HistoryCallback = Callable[[pd.DataFrame], Any]
+# evaluate(model, train_loader, val_loader, device, eval_iter) -> metrics (see Objective)
+Evaluation = Callable[
+    [torch.nn.Module, DataLoader[Any], DataLoader[Any], torch.device, int], dict[str, float]
+]
 
 
 def calc_loss_batch(
@@ -56,7 +63,7 @@ def calc_loss_batch(
     )
 
 
-def _first_batches(data_loader: DataLoader, num_batches: int) -> Iterator[Any]:
+def _first_batches(data_loader: DataLoader[Any], num_batches: int) -> Iterator[Any]:
     """The loader's first `num_batches` batches, iterated exactly as the chapter's loop does.
 
     A fresh iterator of a shuffling loader draws from its generator (or torch's global RNG):
@@ -102,7 +109,7 @@ def _batched_loss_sum(
 
 
 def calc_loss_loader(
-    data_loader: DataLoader,
+    data_loader: DataLoader[Any],
     model: torch.nn.Module,
     device: Any,
     num_batches: int | None = None,
@@ -129,8 +136,8 @@ def calc_loss_loader(
 
 def evaluate_model(
     model: torch.nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: DataLoader[Any],
+    val_loader: DataLoader[Any],
     device: Any,
     eval_iter: int,
     *,
@@ -151,10 +158,78 @@ def evaluate_model(
     return train_loss, val_loss
 
 
-def _history_frame(state: TrainState) -> pd.DataFrame:
-    df = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
+@dataclass(frozen=True)
+class Objective:
+    """What `train` minimises, and how it evaluates and logs it (the chapter's: see below).
+
+    `batch_loss(model, batch, device)` is the loss of one training batch (it is
+    back-propagated); `batch_tokens(batch)` counts its tokens for `tokens_seen`.
+    `evaluate(model, train_loader, val_loader, device, eval_iter)` returns the metrics of one
+    evaluation (in eval mode), at least `train_loss` and `val_loss` (early stopping and the
+    NaN checks read them); the history keeps `columns` of them plus step, epoch,
+    tokens_seen and lr, and `describe(row)` is the log line after "Ep 1 (Step 000000): ".
+    A checkpoint records `name` and `identity` (e.g. DPO's reference model) and resumes
+    only a run with the same.
+    """
+
+    name: str  # also the progress bar's label
+    batch_loss: Callable[[torch.nn.Module, Any, torch.device], torch.Tensor]
+    batch_tokens: Callable[[Any], int]
+    evaluate: Evaluation
+    columns: tuple[str, ...]
+    describe: Callable[[Mapping[str, Any]], str]
+    identity: Mapping[str, str] = field(default_factory=dict)
+
+    def record(self) -> dict[str, str]:
+        """What a checkpoint records of the objective (a resume must match it)."""
+        return {"name": self.name, **self.identity}
+
+
+def _next_token_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+    input_batch, target_batch = batch
+    return calc_loss_batch(input_batch, target_batch, model, device)
+
+
+def _input_tokens(batch: Any) -> int:
+    return batch[0].numel()
+
+
+def _losses_line(row: Mapping[str, Any]) -> str:
+    return f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}"
+
+
+def next_token_objective(*, batched: bool = False) -> Objective:
+    """The chapter's objective: next-token cross-entropy, evaluated by `evaluate_model`.
+
+    `batched`: each split's evaluation in one forward pass (RunOptions.eval_batched).
+    """
+
+    def evaluate(
+        model: torch.nn.Module,
+        train: DataLoader[Any],
+        val: DataLoader[Any],
+        device: Any,
+        eval_iter: int,
+    ) -> dict[str, float]:
+        train_loss, val_loss = evaluate_model(model, train, val, device, eval_iter, batched=batched)
+        return {"train_loss": train_loss, "val_loss": val_loss}
+
+    return Objective(
+        name=CHAPTER_OBJECTIVE,
+        batch_loss=_next_token_loss,
+        batch_tokens=_input_tokens,
+        evaluate=evaluate,
+        columns=tuple(HISTORY_COLUMNS),
+        describe=_losses_line,
+    )
+
+
+def _history_frame(state: TrainState, columns: tuple[str, ...]) -> pd.DataFrame:
+    df = pd.DataFrame(state.history, columns=list(columns))
     found = state.best_step >= 0
     df.attrs.update(
+        steps=state.step,
+        tokens_seen=state.tokens_seen,
         stopped_early=bool(state.stopped_early),
         best_step=int(state.best_step) if found else None,
         best_val_loss=float(state.best_val_loss) if found else None,
@@ -163,144 +238,227 @@ def _history_frame(state: TrainState) -> pd.DataFrame:
 
 
 @dataclass
-class _Evaluator:
-    """The chapter's periodic evaluation: a history row, the 'Ep ...' line, early stopping."""
+class _Run:
+    """One call of `train`: what the chapter's loop keeps in local variables, and the extensions."""
 
     model: torch.nn.Module
-    loaders: tuple[DataLoader, DataLoader]
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
     device: torch.device
     config: TrainConfig
     options: RunOptions
+    objective: Objective
     optimizer: torch.optim.Optimizer
-    callback: Callable[[pd.DataFrame], Any] | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpointer: RunCheckpointer
     watch: LossWatch
-    bar: Any = None  # the progress bar, once it exists
+    callback: HistoryCallback | None
+    state: TrainState = field(default_factory=TrainState)
+    bar: Any = None  # the progress bar
 
-    def __call__(self, state: TrainState) -> None:
+    def finished(self) -> bool:
+        """All epochs done, stopped early, or `options.max_steps` reached."""
+        state, max_steps = self.state, self.options.max_steps
+        return (
+            state.epoch >= self.config.num_epochs
+            or state.stopped_early
+            or (max_steps is not None and state.step >= max_steps)
+        )
+
+    def epoch_batches(self) -> Iterator[Any]:
+        """The epoch's batches in its seeded order; after a resume, from where it stopped."""
+        batches = epoch_batches(
+            self.train_loader, self.state, self.config.seed, self.checkpointer.generators
+        )
+        owed = pending_evaluation(self.state, self.config)
+        if owed is not None:  # resumed between an optimizer step and its evaluation
+            self.evaluate(owed)
+        return batches
+
+    def train_step(self, batch: Any) -> int | None:
+        """The chapter's batch body: loss, backward, optimizer step.
+
+        Returns the 0-based number of the optimizer step it took, or None when the batch
+        only added its gradients (gradient accumulation).
+        """
+        state, config = self.state, self.config
+        with autocast(self.device, config.bf16):
+            loss = self.objective.batch_loss(self.model, batch, self.device)
+        self.watch.add(loss, state)  # checked for NaN at evaluations, checkpoints, epoch ends
+        (loss / config.grad_accum_steps).backward()
+        state.batches += 1
+        state.tokens_seen += self.objective.batch_tokens(batch)
+        if not step_due(state, config, len(self.train_loader)):
+            return None  # accumulate more micro-batches before the optimizer step
+        finish_gradients(self.model, state, config)
+        self.checkpointer.weights_changing()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        step = state.step  # this optimizer step's 0-based number (the chapter's global_step)
+        state.step += 1
+        self.checkpointer.take(state)  # the one snapshot point: before the evaluation
+        self.bar.update(1)
+        return step
+
+    def evaluate(self, step: int) -> None:
+        """The chapter's evaluation after `step`: a history row, the 'Ep ...' line, early stop."""
         self.watch.check()  # the training losses since the last evaluation
-        train_loader, val_loader = self.loaders
+        state, model = self.state, self.model
         with autocast(self.device, self.config.bf16):
-            train_loss, val_loss = evaluate_model(
-                self.model, train_loader, val_loader, self.device, self.config.eval_iter,
-                batched=self.options.eval_batched,
-            )  # fmt: skip
-        check_finite(val_loss, "validation loss", state)
-        check_finite(train_loss, "training loss (evaluation)", state)
-        step = state.step - 1  # the chapter's 0-based global step
-        values = [step, state.epoch + state.batches / len(train_loader), state.tokens_seen,
-                  train_loss, val_loss, self.optimizer.param_groups[0]["lr"]]  # fmt: skip
-        state.history.append(dict(zip(HISTORY_COLUMNS, values, strict=True)))
-        if self.options.log_evals:
-            tqdm.write(
-                f"Ep {state.epoch + 1} (Step {step:06d}): "
-                f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+            metrics = self.objective.evaluate(
+                model, self.train_loader, self.val_loader, self.device, self.config.eval_iter
             )
-        if self.bar is not None:
-            self.bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        update_early_stopping(state, self.config, self.model)
+        check_finite(metrics["val_loss"], "validation loss", step, state)
+        check_finite(metrics["train_loss"], "training loss (evaluation)", step, state)
+        values = {
+            "step": step,
+            "epoch": state.epoch + state.batches / len(self.train_loader),
+            "tokens_seen": state.tokens_seen,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **metrics,
+        }
+        state.history.append({name: values[name] for name in self.objective.columns})
+        if self.options.log_evals:
+            tqdm.write(f"Ep {state.epoch + 1} (Step {step:06d}): {self.objective.describe(values)}")
+        self.bar.set_postfix(train=f"{metrics['train_loss']:.3f}", val=f"{metrics['val_loss']:.3f}")
+        update_early_stopping(state, self.config, model)
         if self.callback is not None:
-            self.callback(_history_frame(state))
+            self.callback(self.history())
+
+    def end_epoch(self, on_epoch_end: EpochEndCallback | None) -> None:
+        """After the epoch's last batch: NaN check, next epoch, the chapter's sample."""
+        self.watch.check()
+        self.state.epoch, self.state.batches = self.state.epoch + 1, 0
+        if on_epoch_end is not None:
+            on_epoch_end(self.model, self.state.epoch)
+
+    def history(self) -> pd.DataFrame:
+        """The history so far as a DataFrame (see `train`)."""
+        return _history_frame(self.state, self.objective.columns)
+
+    def finish(self, stop: StopSignals) -> pd.DataFrame:
+        """Save the last snapshot, keep the best weights (early stopping); the history."""
+        # Saved before restoring the best weights, so a resumed run (e.g. with more epochs)
+        # continues the real trajectory with matching optimizer state.
+        saved = self.checkpointer.save()
+        if stop.received:  # a signal during the last step: the run is complete, but stop
+            raise TrainingInterrupted(stop.received, saved, self.state.step)
+        if self.state.best_weights is not None:  # the best validation loss, as the chapter advises
+            self.model.load_state_dict(self.state.best_weights)
+        history = self.history()
+        history.attrs["checkpoint_error"] = self.checkpointer.error
+        return history
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
-    optimizer.step()
-    scheduler.step()
+def _objective(objective: Objective | None, options: RunOptions) -> Objective:
+    if objective is None:
+        return next_token_objective(batched=options.eval_batched)
+    if options.eval_batched:
+        raise ValueError("RunOptions.eval_batched applies to the chapter's objective only")
+    return objective
+
+
+def _start(
+    model: torch.nn.Module,
+    loaders: tuple[DataLoader[Any], DataLoader[Any]],
+    device: torch.device,
+    config: TrainConfig,
+    options: RunOptions,
+    objective: Objective,
+    callback: HistoryCallback | None,
+    resume_from: str | os.PathLike[str] | None,
+) -> _Run:
+    """The optimizer, schedule, checkpointer and progress bar of a run, resumed if asked."""
+    model.to(device)
+    total_steps = math.ceil(len(loaders[0]) / config.grad_accum_steps) * config.num_epochs
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA
+        model.parameters(),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=device.type == "cuda",
+    )
     optimizer.zero_grad()
-    state.step += 1
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, config)
+    )
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loaders": loaders}
+    watch = LossWatch()
+    saver = RunCheckpointer(options, config, parts, watch, objective.record())
+    run = _Run(
+        model=model,
+        train_loader=loaders[0],
+        val_loader=loaders[1],
+        device=device,
+        config=config,
+        options=options,
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        checkpointer=saver,
+        watch=watch,
+        callback=callback,
+        state=saver.start(resume_from),
+    )
+    shown = min(total_steps, options.max_steps or total_steps)  # the bar's total
+    run.bar = tqdm(
+        total=shown,
+        initial=min(run.state.step, shown),
+        desc=objective.name,
+        unit="step",
+        disable=not options.progress,
+    )
+    return run
 
 
 def train(
     model: torch.nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: DataLoader[Any],
+    val_loader: DataLoader[Any],
     *,
     config: TrainConfig | None = None,
     options: RunOptions | None = None,
     device: str | torch.device | None = None,
-    resume_from: str | Path | None = None,
-    callback: Callable[[pd.DataFrame], Any] | None = None,
+    resume_from: str | os.PathLike[str] | None = None,
+    callback: HistoryCallback | None = None,
     on_epoch_end: EpochEndCallback | None = None,
+    objective: Objective | None = None,
 ) -> pd.DataFrame:
     """Fine-tune `model`; returns the history (step, epoch, tokens_seen, train/val loss, lr).
 
     `step` is the chapter's 0-based global step; `epoch` is fractional (epochs done so far).
     `callback(history)` runs after every evaluation (e.g. LiveLossPlot.update) and
     `on_epoch_end(model, epoch)` after each epoch (1-based), e.g. `sample_printer(entry)`.
-    History attrs: `stopped_early`, `best_step`, `best_val_loss`, `checkpoint_error`.
-    Each epoch's shuffling is seeded with `config.seed + epoch` (whatever seed the loader was
-    built with), so a resumed run replays the same batches. Ctrl-C, SIGTERM and SIGHUP save a
-    checkpoint (with `options.checkpoint_dir`) and raise TrainingInterrupted.
+    History attrs: `steps`, `tokens_seen`, `stopped_early`, `best_step`, `best_val_loss`,
+    `checkpoint_error`. Each epoch's shuffling is seeded with `config.seed + epoch` (whatever
+    seed the loader was built with), so a resumed run replays the same batches. Ctrl-C,
+    SIGTERM and SIGHUP save a checkpoint (with `options.checkpoint_dir`) and raise
+    TrainingInterrupted. `objective`: what to minimise (default: the chapter's loss).
     """
     config, options = config or TrainConfig(), options or RunOptions()
     if len(train_loader) == 0 or len(val_loader) == 0:
         raise ValueError("train() needs non-empty train and validation loaders")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    total_steps = math.ceil(len(train_loader) / config.grad_accum_steps) * config.num_epochs
-    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on CUDA
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-        fused=device.type == "cuda",
-    )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, config)
+    objective = _objective(objective, options)
+    run = _start(
+        model, (train_loader, val_loader), device, config, options, objective, callback, resume_from
     )
-    gens = loader_generators(train_loader)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    watch = LossWatch()
-    saver = RunCheckpointer(
-        options, config, {**parts, "loaders": [train_loader, val_loader]}, watch
-    )
-    evaluate = _Evaluator(model, (train_loader, val_loader), device=device, config=config,
-                          options=options, optimizer=optimizer, callback=callback, watch=watch)  # fmt: skip
-    state = saver.resume(resume_from, model) if resume_from is not None else TrainState()
-    # The run at the last optimizer-step boundary: what a checkpoint may save.
-    snapshot: TrainState | None = replace(state, history=list(state.history))
-    evaluate.bar = bar = tqdm(total=total_steps, initial=min(state.step, total_steps),
-                              desc="fine-tuning", unit="step", disable=not options.progress)  # fmt: skip
     try:
-        with bar, StopSignals(options.handle_signals) as stop:
-            optimizer.zero_grad()
-            while state.epoch < config.num_epochs and not state.stopped_early:
+        with run.bar, StopSignals(options.handle_signals) as stop:
+            while not run.finished():  # the chapter: for epoch in range(num_epochs)
                 model.train()
-                batches = epoch_batches(train_loader, state, config.seed, gens)
-                if eval_pending(state, config):  # resumed from a step whose evaluation was due
-                    evaluate(state)
-                for input_batch, target_batch in batches:
-                    stop.check()
-                    with autocast(device, config.bf16):
-                        loss = calc_loss_batch(input_batch, target_batch, model, device)
-                    watch.add(loss, state)  # checked for NaN at evaluations and epoch ends
-                    (loss / config.grad_accum_steps).backward()
-                    state.batches += 1
-                    state.tokens_seen += input_batch.numel()
-                    if not step_due(state, config, len(train_loader)):
-                        continue  # accumulate more micro-batches before the optimizer step
-                    finish_gradients(model, state, config)
-                    snapshot = None  # the weights change now: nothing consistent to save
-                    _optimizer_step(optimizer, scheduler, state)
-                    snapshot = state.snapshot(gens)  # the one snapshot point
-                    bar.update(1)
-                    if (state.step - 1) % config.eval_freq == 0:
-                        evaluate(state)
-                    saver.periodic(snapshot)
-                    if state.stopped_early:
+                for batch in run.epoch_batches():
+                    stop.check()  # Ctrl-C, SIGTERM, SIGHUP: stop between batches
+                    step = run.train_step(batch)
+                    if step is None:
+                        continue  # gradient accumulation: more micro-batches first
+                    if step % config.eval_freq == 0:
+                        run.evaluate(step)
+                    run.checkpointer.periodic()
+                    if run.finished():
                         break
                 else:  # the epoch ran to its end
-                    watch.check()
-                    state.epoch, state.batches = state.epoch + 1, 0
-                    if on_epoch_end is not None:
-                        on_epoch_end(model, state.epoch)
+                    run.end_epoch(on_epoch_end)
     except KeyboardInterrupt as exc:
-        name = exc.args[0] if isinstance(exc, TrainingInterrupted) else "SIGINT"
-        step = snapshot.step if snapshot is not None else state.step
-        raise TrainingInterrupted(name, saver.save(snapshot, check=False), step) from exc
-    # Saved before restoring the best weights, so a resumed run (e.g. with more epochs)
-    # continues the real trajectory with matching optimizer state.
-    saved = saver.save(snapshot)
-    if stop.received:  # a signal during the last step: the run is complete, but stop as asked
-        raise TrainingInterrupted(stop.received, saved, state.step)
-    if state.best_weights is not None:  # keep the best validation loss, as the chapter advises
-        model.load_state_dict(state.best_weights)
-    history = _history_frame(state)
-    history.attrs["checkpoint_error"] = saver.error
-    return history
+        raise run.checkpointer.interrupted(exc, run.state) from exc
+    return run.finish(stop)

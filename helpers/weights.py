@@ -12,12 +12,14 @@ checkpoints are `helpers.book_checkpoints`, which shares the checks and error ty
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,14 +43,65 @@ class CheckpointFileError(ValueError):
     """A weights file is unreadable or malformed (bad header, bad metadata): names the file."""
 
 
-def fsync_file(path: str | os.PathLike) -> None:
+class NonFiniteWeightsError(CheckpointFileError):
+    """A weights file holds NaN or infinite values: names the file and the first bad tensor."""
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
     """Flush a written file to disk (before an atomic rename makes it visible)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(key, bad count, size) of the first tensor holding NaN or infinity, or None if all are finite."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key, int((~torch.isfinite(tensor)).sum()), tensor.numel()
+    return None
+
+
+def check_finite(
+    state: Mapping[str, torch.Tensor], source: str | os.PathLike[str], *, allow: bool = False
+) -> None:
+    """Refuse weights with NaN or infinite values (NonFiniteWeightsError naming `source`).
+
+    Such a model answers garbage without a word; `allow=True` (loaders' `allow_nonfinite`)
+    lets them through, e.g. to inspect what a diverged run saved.
+    """
+    bad = None if allow else first_nonfinite(state)
+    if bad is not None:
+        key, count, size = bad
+        raise NonFiniteWeightsError(
+            f"{source}: tensor {key!r} holds {count} of {size} values that are NaN or infinite "
+            "(did the run that saved it diverge?); refusing to load weights that can only "
+            "produce garbage (pass allow_nonfinite=True to load them anyway)"
+        )
+
+
+FINGERPRINT_SAMPLES = 4096  # values per tensor that weights_fingerprint reads
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A short hash telling two models' weights apart: names, shapes, sampled values.
+
+    Up to FINGERPRINT_SAMPLES evenly spaced values per tensor, as float32, so it is cheap for
+    gpt2-xl and the same on any device; two different inits or fine-tunes never share it.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach()
+        flat = tensor.reshape(-1)
+        if flat.numel() > FINGERPRINT_SAMPLES:  # integer steps: the same indices everywhere
+            steps = torch.arange(FINGERPRINT_SAMPLES, device=flat.device)
+            flat = flat[steps * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)]
+        digest.update(f"{key}{tuple(tensor.shape)}".encode())
+        digest.update(flat.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_config_shapes(
-    cfg: GPTConfig, shapes: Mapping[str, tuple[int, ...]], source: str | os.PathLike
+    cfg: GPTConfig, shapes: Mapping[str, tuple[int, ...]], source: str | os.PathLike[str]
 ) -> None:
     """Check `cfg` against a course-layout file's tensor shapes before any model is built.
 
@@ -131,10 +184,29 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except SafetensorError as err:
-        raise CheckpointFileError(f"{path}: not a readable safetensors file ({err})") from err
+        raise CheckpointFileError(
+            f"{path}: not a readable safetensors file ({err}){_pickle_hint(path)}"
+        ) from err
 
 
-def save_model(model: GPTModel, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+def _pickle_hint(path: Path) -> str:
+    """Advice when `path` is a torch.save/pickle file: safetensors' own error says 'header too large'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return ""
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a bare pickle
+        return (
+            "; it is a torch.save/pickle file (the book's .pth checkpoints load with "
+            "helpers.book_checkpoints.load_book_checkpoint)"
+        )
+    return ""
+
+
+def save_model(
+    model: GPTModel, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write the weights as safetensors with the config (and `metadata`) inside; atomic.
 
     The stored config records whether the head is tied as the model has it now, so a head
@@ -158,13 +230,13 @@ def save_model(model: GPTModel, path: str | os.PathLike, *, metadata: dict | Non
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The string metadata stored in a safetensors file (config JSON included)."""
     with _reading(Path(path)), safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
-def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+def read_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a safetensors file, read from its header (no data loaded)."""
     with _reading(Path(path)), safe_open(str(path), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -190,8 +262,16 @@ def _config_from_metadata(path: Path, text: str) -> GPTConfig:
         raise CheckpointFileError(f"{path}: invalid 'config' metadata: {err}") from None
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> GPTModel:
-    """A course checkpoint written by `save_model`, rebuilt from its stored config (eval mode)."""
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    allow_nonfinite: bool = False,
+) -> GPTModel:
+    """A course checkpoint written by `save_model`, rebuilt from its stored config (eval mode).
+
+    Weights holding NaN or infinity are refused (NonFiniteWeightsError) unless `allow_nonfinite`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}")
@@ -206,6 +286,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     model = GPTModel(cfg)
     with _reading(path):
         state = load_file(str(path))
+    check_finite(state, path, allow=allow_nonfinite)
     load_state_checked(model, state)
     return model.to(device).eval()
 
@@ -268,12 +349,14 @@ def _config_from_hf(path: Path, state: Mapping[str, torch.Tensor]) -> GPTConfig:
     )
 
 
-def load_hf_gpt2(path: str | os.PathLike, *, config: GPTConfig | None = None) -> GPTModel:
+def load_hf_gpt2(
+    path: str | os.PathLike[str], *, config: GPTConfig | None = None, allow_nonfinite: bool = False
+) -> GPTModel:
     """GPTModel from a transformers `save_pretrained` directory or a GPT-2 model.safetensors.
 
     With an untied config (`tie_embeddings=False`) and a file that stores no separate
     `lm_head.weight` (OpenAI's and transformers' GPT-2 files), the head starts as a copy of
-    `wte`, as in the chapter.
+    `wte`, as in the chapter. NaN or infinite weights are refused unless `allow_nonfinite`.
     """
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
@@ -289,6 +372,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, config: GPTConfig | None = None) ->
     cfg = config or _config_from_hf(path, state)
     # A config.json beside the weights could claim any size: check it before allocating.
     check_config_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, file)
+    check_finite(state, file, allow=allow_nonfinite)
     untie = not cfg.tie_embeddings and TIED_KEY not in state
     model = GPTModel(dataclasses.replace(cfg, tie_embeddings=True) if untie else cfg)
     load_state_checked(model, state)  # checks every tensor's shape
@@ -298,7 +382,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, config: GPTConfig | None = None) ->
 
 
 def load_pretrained(
-    name: str, *, cache_dir: str | os.PathLike | None = None, tie_embeddings: bool = True
+    name: str, *, cache_dir: str | os.PathLike[str] | None = None, tie_embeddings: bool = True
 ) -> GPTModel:
     """OpenAI's GPT-2 weights for preset `name`, downloaded once from the Hugging Face Hub.
 

@@ -99,7 +99,7 @@ def _kill_marked(marker: str) -> None:
                 os.kill(int(proc.name), signal.SIGKILL)
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+def _stop_group(proc: subprocess.Popen[Any], grace: float = 10) -> None:
     """SIGTERM the process group (lets Jupyter shut its kernels down), then SIGKILL it."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # helpers are imported by the fixtures, after the environment is set
+    import torch
+
+    from helpers.config import GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -32,7 +39,7 @@ def chapter_data_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def chapter_data(chapter_data_path: Path) -> list[dict]:
+def chapter_data(chapter_data_path: Path) -> list[dict[str, str]]:
     """The chapter's 1,100 entries."""
     return json.loads(chapter_data_path.read_text(encoding="utf-8"))
 
@@ -44,7 +51,7 @@ def responses_path() -> Path:
 
 
 @pytest.fixture()
-def tiny_config():
+def tiny_config() -> GPTConfig:
     """A model config small enough for unit tests (GPT-2 vocabulary, short context)."""
     from helpers.config import get_config
 
@@ -52,7 +59,7 @@ def tiny_config():
 
 
 @pytest.fixture
-def nan_after():
+def nan_after() -> Callable[..., torch.nn.Module]:
     """A wrapper model whose logits turn NaN after `calls` training forward passes."""
     import torch
 

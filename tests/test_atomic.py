@@ -1,18 +1,20 @@
 """Atomic writes: a failure leaves the previous file and no temp file behind."""
 
+from pathlib import Path
+
 import pytest
 
 from helpers.atomic import atomic_path, atomic_write_text
 
 
-def test_write_creates_folders_and_content(tmp_path):
+def test_write_creates_folders_and_content(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b.txt"
     assert atomic_write_text(target, "héllo\n") == target
     assert target.read_text(encoding="utf-8") == "héllo\n"
     assert [p.name for p in target.parent.iterdir()] == ["b.txt"]
 
 
-def test_failure_keeps_old_file_and_cleans_up(tmp_path):
+def test_failure_keeps_old_file_and_cleans_up(tmp_path: Path) -> None:
     target = tmp_path / "keep.txt"
     target.write_text("old")
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
@@ -22,7 +24,7 @@ def test_failure_keeps_old_file_and_cleans_up(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
-def test_written_files_get_the_usual_permissions(tmp_path):
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
     """Outputs are as readable as any file the user writes (umask), not private like mkstemp's."""
     import os
     import stat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from helpers.batching import (
     padding_share,
     tokenize_example,
 )
-from helpers.data import split_data
+from helpers.data import DataSplits, split_data
 from helpers.prompts import PromptStyle, format_example, format_prompt
 from helpers.tokenizer import encode
 
@@ -27,8 +28,12 @@ X = -100  # ignore_index
 
 
 def chapter_collate_fn(
-    batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"
-):
+    batch: list[list[int]],
+    pad_token_id: int = 50256,
+    ignore_index: int = -100,
+    allowed_max_length: int | None = None,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The chapter's custom_collate_fn, verbatim in behaviour: the reference to match."""
     batch_max_length = max(len(item) + 1 for item in batch)
     inputs_lst, targets_lst = [], []
@@ -50,7 +55,7 @@ def chapter_collate_fn(
     return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)
 
 
-def t(rows):
+def t(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows)
 
 
@@ -60,14 +65,14 @@ CHAPTER_BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
 # --- exact tensors, written by hand -------------------------------------------------------
 
 
-def test_collate_chapter_example_exact():
+def test_collate_chapter_example_exact() -> None:
     inputs, targets = collate_fn(CHAPTER_BATCH)
     assert torch.equal(inputs, t([[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]]))
     assert torch.equal(targets, t([[1, 2, 3, 4, E], [6, E, X, X, X], [8, 9, E, X, X]]))
     assert inputs.dtype == targets.dtype == torch.int64
 
 
-def test_collate_with_prompt_masking_exact():
+def test_collate_with_prompt_masking_exact() -> None:
     batch = [
         TokenizedExample([0, 1, 2, 3, 4], 2),  # prompt 0 1 | answer 2 3 4
         TokenizedExample([5, 6], 1),  # prompt 5 | answer 6
@@ -79,33 +84,33 @@ def test_collate_with_prompt_masking_exact():
     assert torch.equal(targets, t([[X, 2, 3, 4, E], [6, E, X, X, X], [X, X, E, X, X]]))
 
 
-def test_collate_tokenized_without_masking_equals_chapter():
+def test_collate_tokenized_without_masking_equals_chapter() -> None:
     batch = [TokenizedExample(ids, 1) for ids in CHAPTER_BATCH]
     got = collate_fn(batch)
     want = chapter_collate_fn([list(ids) for ids in CHAPTER_BATCH])
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
-def test_collate_truncation_exact():
+def test_collate_truncation_exact() -> None:
     inputs, targets = collate_fn(CHAPTER_BATCH, allowed_max_length=3)
     assert torch.equal(inputs, t([[0, 1, 2], [5, 6, E], [7, 8, 9]]))
     assert torch.equal(targets, t([[1, 2, 3], [6, E, X], [8, 9, E]]))
 
 
-def test_collate_truncation_with_masking_exact():
+def test_collate_truncation_with_masking_exact() -> None:
     batch = [TokenizedExample([0, 1, 2, 3, 4], 2), TokenizedExample([5, 6], 1)]
     inputs, targets = collate_fn(batch, mask_prompt=True, allowed_max_length=2)
     assert torch.equal(inputs, t([[0, 1], [5, 6]]))
     assert torch.equal(targets, t([[X, 2], [6, E]]))
 
 
-def test_collate_equal_lengths_exact():
+def test_collate_equal_lengths_exact() -> None:
     inputs, targets = collate_fn([[1, 2], [3, 4]])
     assert torch.equal(inputs, t([[1, 2], [3, 4]]))
     assert torch.equal(targets, t([[2, E], [4, E]]))
 
 
-def test_collate_pad_id_inside_text():
+def test_collate_pad_id_inside_text() -> None:
     # Plain lists follow the chapter: the in-text 50256 is taken as "the" end-of-text target
     # and the real one after the text is ignored (a quirk kept for identical tensors).
     inputs, targets = collate_fn([[1, E, 2], [3]])
@@ -118,13 +123,13 @@ def test_collate_pad_id_inside_text():
     assert torch.equal(targets, t([[E, 2, E], [E, X, X]]))
 
 
-def test_collate_custom_pad_and_ignore_index():
+def test_collate_custom_pad_and_ignore_index() -> None:
     inputs, targets = collate_fn([[1, 2, 3], [4]], pad_token_id=0, ignore_index=-1)
     assert torch.equal(inputs, t([[1, 2, 3], [4, 0, 0]]))
     assert torch.equal(targets, t([[2, 3, 0], [0, -1, -1]]))
 
 
-def test_collate_accepts_tensors_and_tuples():
+def test_collate_accepts_tensors_and_tuples() -> None:
     got = collate_fn([torch.tensor([0, 1, 2, 3, 4]), (5, 6), [7, 8, 9]])
     want = chapter_collate_fn(CHAPTER_BATCH)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
@@ -134,7 +139,7 @@ def test_collate_accepts_tensors_and_tuples():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_collate_matches_chapter_on_random_batches(seed):
+def test_collate_matches_chapter_on_random_batches(seed: int) -> None:
     rng = random.Random(seed)
     for _ in range(60):
         pad = rng.choice([50256, 0, 7])
@@ -155,14 +160,14 @@ def test_collate_matches_chapter_on_random_batches(seed):
 # --- warnings and errors ------------------------------------------------------------------
 
 
-def test_fully_ignored_sample_warns_with_its_position():
+def test_fully_ignored_sample_warns_with_its_position() -> None:
     batch = [TokenizedExample([1, 2, 3], 1), TokenizedExample(list(range(10)), 8)]
     with pytest.warns(UserWarning, match="sample 1 of the batch has no target"):
         _, targets = collate_fn(batch, mask_prompt=True, allowed_max_length=5)
     assert (targets[1] == X).all() and not (targets[0] == X).all()
 
 
-def test_no_warning_for_normal_batches():
+def test_no_warning_for_normal_batches() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         collate_fn([TokenizedExample([1, 2, 3], 1)], mask_prompt=True)
@@ -178,7 +183,9 @@ def test_no_warning_for_normal_batches():
         ([[1], "abc"], {}, TypeError, "item 1"),
     ],
 )
-def test_collate_bad_input(batch, kwargs, error, match):
+def test_collate_bad_input(
+    batch: Any, kwargs: dict[Any, Any] | dict[str, bool] | dict[str, int], error: Any, match: str
+) -> None:
     with pytest.raises(error, match=match):
         collate_fn(batch, **kwargs)
 
@@ -187,12 +194,14 @@ def test_collate_bad_input(batch, kwargs, error, match):
 
 
 @pytest.fixture(scope="module")
-def splits(chapter_data):
+def splits(chapter_data: list[dict[str, str]]) -> DataSplits:
     return split_data(chapter_data)
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_dataset_prompt_prefix_and_full_text(chapter_data, style):
+def test_dataset_prompt_prefix_and_full_text(
+    chapter_data: list[dict[str, str]], style: str
+) -> None:
     dataset = InstructionDataset(chapter_data, style=style)
     assert len(dataset) == len(chapter_data) == len(dataset.lengths)
     for entry, example, length in zip(chapter_data, dataset.examples, dataset.lengths, strict=True):
@@ -201,13 +210,13 @@ def test_dataset_prompt_prefix_and_full_text(chapter_data, style):
         assert length == len(example.ids) > example.prompt_length
 
 
-def test_dataset_rejects_unknown_style(chapter_data):
+def test_dataset_rejects_unknown_style(chapter_data: list[dict[str, str]]) -> None:
     with pytest.raises(ValueError, match="valid styles"):
         InstructionDataset(chapter_data[:2], style="chatml")
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_masking_invariants(chapter_data, style):
+def test_masking_invariants(chapter_data: list[dict[str, str]], style: str) -> None:
     examples = [tokenize_example(entry, style) for entry in chapter_data[:64]]
     for start in range(0, len(examples), 8):
         batch = examples[start : start + 8]
@@ -223,7 +232,7 @@ def test_masking_invariants(chapter_data, style):
             assert torch.equal(masked[row, p - 1 :], plain[row, p - 1 :])
 
 
-def test_loss_with_ignore_index_equals_hand_computed():
+def test_loss_with_ignore_index_equals_hand_computed() -> None:
     torch.manual_seed(0)
     vocab = 21  # small vocabulary: ids 0..19, pad 20
     batch = [
@@ -248,7 +257,7 @@ def test_loss_with_ignore_index_equals_hand_computed():
 # --- loaders ----------------------------------------------------------------------------------
 
 
-def test_make_loaders_chapter_defaults(splits):
+def test_make_loaders_chapter_defaults(splits: DataSplits) -> None:
     loaders = make_loaders(splits)
     assert isinstance(loaders, Loaders)
     assert [len(loader.dataset) for loader in loaders] == [935, 55, 110]  # type: ignore[arg-type]
@@ -260,8 +269,8 @@ def test_make_loaders_chapter_defaults(splits):
     assert torch.equal(inputs, first[0]) and torch.equal(targets, first[1])
 
 
-def test_make_loaders_seeded_and_deterministic(splits):
-    def first_batches(**kwargs):
+def test_make_loaders_seeded_and_deterministic(splits: DataSplits) -> None:
+    def first_batches(**kwargs: Any) -> list[torch.Tensor]:
         loader = make_loaders(splits, **kwargs).train
         return [inputs for inputs, _ in list(loader)[:3]]
 
@@ -273,7 +282,7 @@ def test_make_loaders_seeded_and_deterministic(splits):
     assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
 
 
-def test_make_loaders_masking_and_style(splits):
+def test_make_loaders_masking_and_style(splits: DataSplits) -> None:
     loaders = make_loaders(splits, mask_prompt=True, style="phi3", batch_size=4)
     inputs, targets = next(iter(loaders.test))
     for row in range(4):
@@ -283,12 +292,12 @@ def test_make_loaders_masking_and_style(splits):
     assert encode("<|user|>") == inputs[0, : len(encode("<|user|>"))].tolist()
 
 
-def test_make_loaders_rejects_bad_splits(splits):
+def test_make_loaders_rejects_bad_splits(splits: DataSplits) -> None:
     with pytest.raises(ValueError, match="train, validation, test"):
         make_loaders(splits[:2])
 
 
-def test_padding_share_random_vs_grouped(splits):
+def test_padding_share_random_vs_grouped(splits: DataSplits) -> None:
     random_share = padding_share(make_loaders(splits).train)
     grouped_share = padding_share(make_loaders(splits, grouped=True).train)
     assert 0.15 < random_share < 0.25  # the chapter's random batches: ~20% padding
@@ -296,7 +305,7 @@ def test_padding_share_random_vs_grouped(splits):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_padding_share_matches_tensors_and_keeps_order(splits, grouped):
+def test_padding_share_matches_tensors_and_keeps_order(splits: DataSplits, grouped: bool) -> None:
     loader = make_loaders(splits, grouped=grouped).train
     share = padding_share(loader)  # must not consume the sampler's randomness
     padded = total = 0
@@ -311,7 +320,7 @@ def test_padding_share_matches_tensors_and_keeps_order(splits, grouped):
     assert all(torch.equal(a, b) for a, b in zip(batches, fresh, strict=True))
 
 
-def test_length_grouped_sampler():
+def test_length_grouped_sampler() -> None:
     lengths = [random.Random(1).randint(1, 100) for _ in range(103)]
     sampler = LengthGroupedBatchSampler(lengths, 8, shuffle=True, drop_last=True, seed=5)
     epoch1, epoch2 = list(sampler), list(sampler)
@@ -332,9 +341,9 @@ def test_length_grouped_sampler():
         LengthGroupedBatchSampler(lengths, 0)
 
 
-def test_padding_share_of_a_plain_dataset_without_lengths():
+def test_padding_share_of_a_plain_dataset_without_lengths() -> None:
     # A list of id lists (no .lengths): lengths are read from the items themselves.
-    class Ids(torch.utils.data.Dataset):
+    class Ids(torch.utils.data.Dataset[list[int]]):
         data = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
 
         def __getitem__(self, i: int) -> list[int]:
@@ -348,7 +357,9 @@ def test_padding_share_of_a_plain_dataset_without_lengths():
     assert padding_share(loader) == pytest.approx(4 / 14)
 
 
-def test_dataset_and_loaders_accept_a_prompt_style_object(chapter_data, splits):
+def test_dataset_and_loaders_accept_a_prompt_style_object(
+    chapter_data: list[dict[str, str]], splits: DataSplits
+) -> None:
     # An unregistered style: the object itself is kept, never looked up by name.
     custom = PromptStyle(
         name="bracketed",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ import torch
 from helpers.batching import InstructionDataset, make_loaders, padding_share
 from helpers.config import GPTConfig, get_config
 from helpers.data import split_data
-from helpers.generate import generate, generate_responses
+from helpers.generate import GenerationSettings, generate, generate_responses
 from helpers.model import (
     GPTModel,
     count_config_parameters,
@@ -43,7 +45,7 @@ ENTRY = {"instruction": "Rewrite the sentence using a simile.", "input": "The ca
 # --- GPTConfig.tie_embeddings ------------------------------------------------------------------
 
 
-def test_tie_embeddings_is_validated_and_round_trips():
+def test_tie_embeddings_is_validated_and_round_trips() -> None:
     assert GPTConfig().tie_embeddings is True  # off by default: GPT-2's tied head
     with pytest.raises(ValueError, match="tie_embeddings must be True or False"):
         GPTConfig(tie_embeddings=1)  # type: ignore[arg-type]
@@ -61,7 +63,7 @@ def test_tie_embeddings_is_validated_and_round_trips():
 # --- the untied output head and the parameter counts -------------------------------------------
 
 
-def test_parameter_counts_tied_and_untied():
+def test_parameter_counts_tied_and_untied() -> None:
     small = get_config("gpt2-small")
     assert parameter_counts(small) == (124_439_808, 163_037_184)  # OpenAI's GPT-2, qkv_bias
     assert parameter_counts(small).untied - parameter_counts(small).tied == 50257 * 768
@@ -79,7 +81,7 @@ def test_parameter_counts_tied_and_untied():
     assert count_parameters(model) - model.lm_head.weight.numel() == 124_412_160
 
 
-def test_untied_model_has_its_own_head(tiny_config):
+def test_untied_model_has_its_own_head(tiny_config: GPTConfig) -> None:
     torch.manual_seed(0)
     model = GPTModel(dataclasses.replace(tiny_config, tie_embeddings=False))
     assert not model.tied and model.lm_head.weight is not model.wte.weight
@@ -88,7 +90,7 @@ def test_untied_model_has_its_own_head(tiny_config):
     assert count_parameters(GPTModel(tiny_config)) == parameter_counts(tiny_config).tied
 
 
-def test_untie_output_head_copies_wte_then_trains_separately(tiny_config):
+def test_untie_output_head_copies_wte_then_trains_separately(tiny_config: GPTConfig) -> None:
     torch.manual_seed(0)
     model = GPTModel(tiny_config)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 7))
@@ -113,7 +115,7 @@ def test_untie_output_head_copies_wte_then_trains_separately(tiny_config):
     assert not torch.equal(model.lm_head.weight, model.wte.weight)
 
 
-def test_untied_model_saves_and_loads_untied(tiny_config, tmp_path):
+def test_untied_model_saves_and_loads_untied(tiny_config: GPTConfig, tmp_path: Path) -> None:
     from helpers.weights import load_model, save_model
 
     torch.manual_seed(0)
@@ -129,7 +131,9 @@ def test_untied_model_saves_and_loads_untied(tiny_config, tmp_path):
 # --- the chapter's loaders -----------------------------------------------------------------------
 
 
-def chapter_train_loader(train_data: list[dict]) -> torch.utils.data.DataLoader:
+def chapter_train_loader(
+    train_data: list[dict[str, str]],
+) -> torch.utils.data.DataLoader[Any]:
     """Section 7.4's train loader (its InstructionDataset: the full text tokenized at once)."""
     from helpers.batching import collate_fn
 
@@ -145,7 +149,7 @@ def chapter_train_loader(train_data: list[dict]) -> torch.utils.data.DataLoader:
     )
 
 
-def test_chapter_split_and_token_ids(chapter_data):
+def test_chapter_split_and_token_ids(chapter_data: list[dict[str, str]]) -> None:
     splits = split_data(chapter_data)
     # The chapter: train = data[:935], test = data[935:1045], val = data[1045:].
     assert splits.train == chapter_data[:935]
@@ -157,7 +161,7 @@ def test_chapter_split_and_token_ids(chapter_data):
         assert example.ids == encode(full_text)
 
 
-def test_chapter_loader_order(chapter_data):
+def test_chapter_loader_order(chapter_data: list[dict[str, str]]) -> None:
     torch.manual_seed(123)  # the chapter seeds right before building its loaders
     loaders = make_loaders(split_data(chapter_data), chapter_compat=True)
     assert (len(loaders.train), len(loaders.validation), len(loaders.test)) == (116, 7, 14)
@@ -176,7 +180,7 @@ def test_chapter_loader_order(chapter_data):
     assert next(iter(loaders.test))[0][0, : len(first_test)].tolist() == first_test
 
 
-def test_chapter_loader_equals_the_chapters_tensors(chapter_data):
+def test_chapter_loader_equals_the_chapters_tensors(chapter_data: list[dict[str, str]]) -> None:
     splits = split_data(chapter_data)
     torch.manual_seed(123)
     reference = [(x, y) for x, y in chapter_train_loader(splits.train)]
@@ -192,7 +196,9 @@ def test_chapter_loader_equals_the_chapters_tensors(chapter_data):
     assert first == [x.shape[1] for x, _ in reference] and second != first
 
 
-def test_default_loaders_are_unchanged_by_the_global_seed(chapter_data):
+def test_default_loaders_are_unchanged_by_the_global_seed(
+    chapter_data: list[dict[str, str]],
+) -> None:
     splits = split_data(chapter_data[:200])
     torch.manual_seed(1)
     a = [x.shape[1] for x, _ in make_loaders(splits).train]
@@ -207,7 +213,7 @@ def test_default_loaders_are_unchanged_by_the_global_seed(chapter_data):
 
 
 @pytest.mark.parametrize("entry", [ENTRY, {**ENTRY, "input": ""}])
-def test_chapter_prompt_ends_before_the_response_header(entry):
+def test_chapter_prompt_ends_before_the_response_header(entry: Any) -> None:
     prompt = format_prompt(entry, chapter_compat=True)
     assert prompt == format_input(entry)
     assert "### Response:" not in prompt
@@ -218,14 +224,16 @@ def test_chapter_prompt_ends_before_the_response_header(entry):
     assert decode(full[len(ids) : len(encode(format_prompt(entry)))]) == "\n\n### Response:\n"
 
 
-def test_chapter_prompt_is_a_token_prefix_on_chapter_data(chapter_data):
+def test_chapter_prompt_is_a_token_prefix_on_chapter_data(
+    chapter_data: list[dict[str, str]],
+) -> None:
     dataset = InstructionDataset(chapter_data)
     for entry, example in zip(chapter_data, dataset.examples, strict=True):
         ids = encode(format_prompt(entry, chapter_compat=True))
         assert example.ids[: len(ids)] == ids
 
 
-def test_chapter_extraction_rule():
+def test_chapter_extraction_rule() -> None:
     prompt = format_input(ENTRY)
     text = prompt + "\n\n### Response:\nThe car is as fast as lightning.\n\n### Instruction:\nMore"
     # The chapter: generated_text[len(input_text):].replace("### Response:", "").strip()
@@ -250,11 +258,12 @@ def tiny_model() -> GPTModel:
     return model
 
 
-def test_generate_responses_chapter_mode_equals_the_chapters_loop(tiny_model, chapter_data):
+def test_generate_responses_chapter_mode_equals_the_chapters_loop(
+    tiny_model: GPTModel, chapter_data: list[dict[str, str]]
+) -> None:
     entries = chapter_data[935:940]
-    ours = generate_responses(
-        tiny_model, entries, max_new_tokens=12, batch_size=1, progress=False, chapter_compat=True
-    )
+    chapter = GenerationSettings(max_new_tokens=12, batch_size=1, chapter_compat=True)
+    ours = generate_responses(tiny_model, entries, chapter, progress=False)
     for entry, answer in zip(entries, ours, strict=True):
         # Section 7.7, token for token.
         input_text = format_input(entry)
@@ -269,17 +278,19 @@ def test_generate_responses_chapter_mode_equals_the_chapters_loop(tiny_model, ch
         assert answer == generated_text[len(input_text) :].replace("### Response:", "").strip()
     # Batched (left-padded) prompts give the same answers; the default prompt differs.
     batched = generate_responses(
-        tiny_model, entries, max_new_tokens=12, batch_size=8, progress=False, chapter_compat=True
+        tiny_model, entries, dataclasses.replace(chapter, batch_size=8), progress=False
     )
     assert batched == ours
-    default = generate_responses(tiny_model, entries, max_new_tokens=12, progress=False)
+    default = generate_responses(
+        tiny_model, entries, GenerationSettings(max_new_tokens=12), progress=False
+    )
     assert default != ours
 
 
 # --- the switch --------------------------------------------------------------------------------
 
 
-def test_switch_from_environment(monkeypatch):
+def test_switch_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CHAPTER_COMPAT_ENV, raising=False)
     assert chapter_compat_from_env() is False
     assert chapter_compat_from_env(default=True) is True

@@ -12,7 +12,7 @@ from helpers.config import (
 )
 
 
-def test_gpt2_presets_match_openai_sizes():
+def test_gpt2_presets_match_openai_sizes() -> None:
     sizes = {name: (c.emb_dim, c.n_layers, c.n_heads) for name, c in MODEL_PRESETS.items()}
     assert sizes["gpt2-small (124M)"] == (768, 12, 12)
     assert sizes["gpt2-medium (355M)"] == (1024, 24, 16)
@@ -32,11 +32,11 @@ def test_gpt2_presets_match_openai_sizes():
         (" gpt2-large (774M) ", "gpt2-large (774M)"),
     ],
 )
-def test_aliases_resolve(alias, canonical):
+def test_aliases_resolve(alias: str, canonical: str) -> None:
     assert resolve_model_name(alias) == canonical
 
 
-def test_unknown_preset_lists_the_valid_names_once():
+def test_unknown_preset_lists_the_valid_names_once() -> None:
     with pytest.raises(ValueError, match="Unknown model preset 'gpt3'") as err:
         resolve_model_name("gpt3")
     message = str(err.value)
@@ -44,12 +44,12 @@ def test_unknown_preset_lists_the_valid_names_once():
     assert message.count("'tiny'") == 1
 
 
-def test_only_gpt2_presets_have_pretrained_weights():
+def test_only_gpt2_presets_have_pretrained_weights() -> None:
     assert set(HF_REPOS) == set(MODEL_PRESETS) - {"tiny"}
     assert is_pretrained_preset("gpt2-medium") and not is_pretrained_preset("tiny")
 
 
-def test_overrides_and_frozen():
+def test_overrides_and_frozen() -> None:
     cfg = get_config("tiny", context_length=64)
     assert cfg.context_length == 64 and MODEL_PRESETS["tiny"].context_length == 1024
     with pytest.raises(AttributeError):
@@ -65,6 +65,8 @@ def test_overrides_and_frozen():
         ({"vocab_size": 2.5}, "vocab_size"),
     ],
 )
-def test_invalid_configs_are_rejected(fields, message):
+def test_invalid_configs_are_rejected(
+    fields: dict[str, int] | dict[str, float], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         GPTConfig(**fields)

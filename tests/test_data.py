@@ -7,7 +7,9 @@ import hashlib
 import http.server
 import json
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,12 +34,12 @@ GOOD = [
 ]
 
 
-def write_json(path: Path, obj) -> Path:
+def write_json(path: Path, obj: object) -> Path:
     path.write_text(json.dumps(obj), encoding="utf-8")
     return path
 
 
-def write_jsonl(path: Path, rows) -> Path:
+def write_jsonl(path: Path, rows: Iterable[object]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -45,19 +47,19 @@ def write_jsonl(path: Path, rows) -> Path:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def test_constants():
+def test_constants() -> None:
     assert DATA_URL.endswith("ch07/01_main-chapter-code/instruction-data.json")
     assert DATA_SHA256 == "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
     assert DATASET_ENV == "COURSE_DATASET"
 
 
-def test_load_chapter_file(chapter_data_path, chapter_data):
+def test_load_chapter_file(chapter_data_path: Path, chapter_data: list[dict[str, str]]) -> None:
     data = load_instruction_data(chapter_data_path)
     assert data == chapter_data and len(data) == 1100
     assert sum(entry["input"] == "" for entry in data) == 775
 
 
-def test_env_var_and_argument(tmp_path, monkeypatch):
+def test_env_var_and_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env_file = write_json(tmp_path / "env.json", GOOD)
     arg_file = write_json(tmp_path / "arg.json", GOOD[:1])
     monkeypatch.setenv(DATASET_ENV, str(env_file))
@@ -67,13 +69,13 @@ def test_env_var_and_argument(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["data.jsonl", "data.json", "data.txt"])
-def test_json_lines(tmp_path, name):
+def test_json_lines(tmp_path: Path, name: str) -> None:
     # .jsonl by suffix; other names are detected from the content.
     path = write_jsonl(tmp_path / name, GOOD)
     assert load_instruction_data(path) == GOOD
 
 
-def test_json_lines_blank_lines_and_single_entry(tmp_path):
+def test_json_lines_blank_lines_and_single_entry(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + json.dumps(GOOD[0]) + "\n\n" + json.dumps(GOOD[1]) + "\n\n")
     assert load_instruction_data(path) == GOOD
@@ -82,7 +84,7 @@ def test_json_lines_blank_lines_and_single_entry(tmp_path):
     assert load_instruction_data(one) == GOOD[:1]
 
 
-def test_extra_keys_are_kept(tmp_path):
+def test_extra_keys_are_kept(tmp_path: Path) -> None:
     rows = [dict(GOOD[0], model_response="5")]
     assert load_instruction_data(write_json(tmp_path / "r.json", rows)) == rows
 
@@ -105,7 +107,7 @@ def test_extra_keys_are_kept(tmp_path):
     ],
 )
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
-def test_validation_errors(tmp_path, rows, pattern, fmt):
+def test_validation_errors(tmp_path: Path, rows: Any, pattern: str, fmt: str) -> None:
     path = tmp_path / f"bad.{fmt}"
     if fmt == "json":
         write_json(path, rows)
@@ -118,7 +120,7 @@ def test_validation_errors(tmp_path, rows, pattern, fmt):
     assert str(path) in str(info.value)
 
 
-def test_empty_input_is_allowed(tmp_path):
+def test_empty_input_is_allowed(tmp_path: Path) -> None:
     assert load_instruction_data(write_json(tmp_path / "d.json", GOOD[:1]))[0]["input"] == ""
 
 
@@ -134,7 +136,7 @@ def test_empty_input_is_allowed(tmp_path):
         ('"text"', ".json", "expected a JSON list"),
     ],
 )
-def test_parse_errors(tmp_path, text, suffix, pattern):
+def test_parse_errors(tmp_path: Path, text: Any, suffix: str, pattern: str) -> None:
     path = tmp_path / f"bad{suffix}"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DatasetError, match=pattern) as info:
@@ -142,7 +144,7 @@ def test_parse_errors(tmp_path, text, suffix, pattern):
     assert str(path) in str(info.value)
 
 
-def test_missing_and_binary_files(tmp_path):
+def test_missing_and_binary_files(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no such dataset file"):
         load_instruction_data(tmp_path / "nope.json")
     binary = tmp_path / "bin.json"
@@ -155,13 +157,13 @@ def test_missing_and_binary_files(tmp_path):
 
 
 @pytest.fixture()
-def server(tmp_path):
+def server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """Serve tmp_path/www over HTTP on 127.0.0.1; yields (www dir, base url)."""
     www = tmp_path / "www"
     www.mkdir()
 
     class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # keep test output clean
+        def log_message(self, *args: Any) -> None:  # keep test output clean
             pass
 
     httpd = http.server.ThreadingHTTPServer(
@@ -180,7 +182,9 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_download_default_path(server, tmp_path, monkeypatch):
+def test_download_default_path(
+    server: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     www, base = server
     source = write_json(www / "instruction-data.json", GOOD)
     monkeypatch.delenv(DATASET_ENV, raising=False)
@@ -194,7 +198,7 @@ def test_download_default_path(server, tmp_path, monkeypatch):
     assert load_instruction_data(cache_dir=cache) == GOOD
 
 
-def test_download_digest_mismatch_leaves_nothing(server, tmp_path):
+def test_download_digest_mismatch_leaves_nothing(server: tuple[Path, str], tmp_path: Path) -> None:
     www, base = server
     source = write_json(www / "d.json", GOOD)
     url = f"{base}/d.json"
@@ -207,7 +211,7 @@ def test_download_digest_mismatch_leaves_nothing(server, tmp_path):
     assert list(dest.parent.iterdir()) == []  # no file, no partial temp file
 
 
-def test_download_replaces_corrupt_cache(server, tmp_path):
+def test_download_replaces_corrupt_cache(server: tuple[Path, str], tmp_path: Path) -> None:
     www, base = server
     source = write_json(www / "d.json", GOOD)
     dest = tmp_path / "d.json"
@@ -216,7 +220,7 @@ def test_download_replaces_corrupt_cache(server, tmp_path):
     assert dest.read_bytes() == source.read_bytes()
 
 
-def test_download_mismatch_keeps_existing_good_file_untouched(tmp_path):
+def test_download_mismatch_keeps_existing_good_file_untouched(tmp_path: Path) -> None:
     # A failed download never overwrites: the old file is only replaced by verified bytes.
     src = write_json(tmp_path / "src.json", GOOD)
     dest = tmp_path / "cache" / "d.json"
@@ -228,7 +232,7 @@ def test_download_mismatch_keeps_existing_good_file_untouched(tmp_path):
     assert sorted(p.name for p in dest.parent.iterdir()) == ["d.json"]
 
 
-def test_download_file_url_and_no_digest(tmp_path):
+def test_download_file_url_and_no_digest(tmp_path: Path) -> None:
     src = write_json(tmp_path / "src.json", GOOD)
     dest = tmp_path / "sub" / "copy.json"
     assert download_file(src.as_uri(), dest, digest(src), progress=False) == dest
@@ -237,7 +241,9 @@ def test_download_file_url_and_no_digest(tmp_path):
     assert other.read_bytes() == src.read_bytes()
 
 
-def test_download_http_error_names_url(server, tmp_path, monkeypatch):
+def test_download_http_error_names_url(
+    server: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, base = server
     url = f"{base}/missing.json"
     with pytest.raises(DownloadError, match="missing.json") as info:
@@ -251,7 +257,7 @@ def test_download_http_error_names_url(server, tmp_path, monkeypatch):
         load_instruction_data(cache_dir=tmp_path / "cache")
 
 
-def test_default_cache_dir_is_git_ignored():
+def test_default_cache_dir_is_git_ignored() -> None:
     cache = default_cache_dir()
     assert cache.parts[-2:] == ("data", "cache")
     gitignore = cache.parents[1] / ".gitignore"
@@ -261,7 +267,7 @@ def test_default_cache_dir_is_git_ignored():
 # --- split ------------------------------------------------------------------------------------
 
 
-def test_split_chapter_sizes(chapter_data):
+def test_split_chapter_sizes(chapter_data: list[dict[str, str]]) -> None:
     splits = split_data(chapter_data)
     assert isinstance(splits, DataSplits)
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (935, 55, 110)
@@ -271,7 +277,7 @@ def test_split_chapter_sizes(chapter_data):
     assert splits.validation == chapter_data[1045:]
 
 
-def test_split_shuffle_is_seeded(chapter_data):
+def test_split_shuffle_is_seeded(chapter_data: list[dict[str, str]]) -> None:
     before = list(chapter_data)
     a = split_data(chapter_data, shuffle=True)
     b = split_data(chapter_data, shuffle=True, seed=123)
@@ -283,7 +289,7 @@ def test_split_shuffle_is_seeded(chapter_data):
     assert sorted(map(key, everything)) == sorted(map(key, chapter_data))
 
 
-def test_split_custom_fractions():
+def test_split_custom_fractions() -> None:
     items = [{"i": n} for n in range(10)]
     splits = split_data(items, 0.5, 0.3)
     assert [len(s) for s in splits] == [5, 2, 3]
@@ -299,18 +305,18 @@ def test_split_custom_fractions():
         (0.8, "x", "test_frac"),
     ],
 )
-def test_split_bad_fractions(train, test, pattern):
+def test_split_bad_fractions(train: float, test: Any, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         split_data([{"i": 1}], train, test)
 
 
-def test_single_entry_json_lines_with_final_newline(tmp_path):
+def test_single_entry_json_lines_with_final_newline(tmp_path: Path) -> None:
     path = tmp_path / "one.json"
     path.write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\n', encoding="utf-8")
     assert load_instruction_data(path) == [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
 
 
-def test_alpaca_format_file_loads(tmp_path):
+def test_alpaca_format_file_loads(tmp_path: Path) -> None:
     """Exercise 7.3: the original Alpaca file (52,002 entries) has the same keys; a small one."""
     entries = [
         {
@@ -327,14 +333,14 @@ def test_alpaca_format_file_loads(tmp_path):
     assert [len(s) for s in splits] == [17, 1, 2]
 
 
-def test_byte_order_mark_is_not_data(tmp_path):
+def test_byte_order_mark_is_not_data(tmp_path: Path) -> None:
     path = tmp_path / "bom.json"
     entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     path.write_text("\ufeff" + json.dumps([entry]), encoding="utf-8")
     assert load_instruction_data(path) == [entry]
 
 
-def test_deeply_nested_json_is_one_clear_error(tmp_path):
+def test_deeply_nested_json_is_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "deep.json"
     path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     with pytest.raises(DatasetError, match="deep.json: the JSON is nested too deeply"):

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 
 from helpers.batching import loader_generators, make_loaders
+from helpers.config import GPTConfig
 from helpers.data import split_data
 from helpers.model import GPTModel
 from helpers.run.train_config import RunOptions, TrainConfig
 from helpers.train import calc_loss_loader, evaluate_model, train
 
 
-def _model(cfg, seed: int = 1) -> GPTModel:
+def _model(cfg: GPTConfig, seed: int = 1) -> GPTModel:
     torch.manual_seed(seed)
     return GPTModel(cfg)
 
@@ -36,23 +39,27 @@ def _ragged_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("num_batches", [1, 2, 3, 5, None])
-def test_batched_loss_equals_the_per_batch_loop(tiny_config, num_batches):
+def test_batched_loss_equals_the_per_batch_loop(
+    tiny_config: GPTConfig, num_batches: int | None
+) -> None:
     model = _model(tiny_config).eval()
-    batches = _ragged_batches()  # a list has len() and iterates like a loader
+    batches: Any = _ragged_batches()  # a list has len() and iterates like a loader
     plain = calc_loss_loader(batches, model, "cpu", num_batches=num_batches)
     batched = calc_loss_loader(batches, model, "cpu", num_batches=num_batches, batched=True)
     assert batched == pytest.approx(plain, abs=1e-6)
 
 
-def test_batched_loss_of_a_batch_without_targets_is_nan_as_before(tiny_config):
+def test_batched_loss_of_a_batch_without_targets_is_nan_as_before(tiny_config: GPTConfig) -> None:
     model = _model(tiny_config).eval()
     x, y = _ragged_batches()[0]
-    batches = [(x, torch.full_like(y, -100))]
+    batches: Any = [(x, torch.full_like(y, -100))]  # a list iterates like a loader
     assert math.isnan(calc_loss_loader(batches, model, "cpu"))
     assert math.isnan(calc_loss_loader(batches, model, "cpu", batched=True))
 
 
-def test_batched_evaluation_runs_one_forward_pass_per_split(tiny_config, chapter_data):
+def test_batched_evaluation_runs_one_forward_pass_per_split(
+    tiny_config: GPTConfig, chapter_data: list[dict[str, str]]
+) -> None:
     loaders = make_loaders(split_data(chapter_data[:200]), batch_size=4, allowed_max_length=64)
     model = _model(tiny_config)
     calls: list[tuple[int, ...]] = []
@@ -75,7 +82,13 @@ def test_batched_evaluation_runs_one_forward_pass_per_split(tiny_config, chapter
     assert model.training  # eval mode only during the evaluation
 
 
-def _history(tiny_config, chapter_data, *, eval_batched: bool, **loader_args):
+def _history(
+    tiny_config: GPTConfig,
+    chapter_data: list[dict[str, str]],
+    *,
+    eval_batched: bool,
+    **loader_args: Any,
+) -> pd.DataFrame:
     loaders = make_loaders(
         split_data(chapter_data[:40]), batch_size=4, allowed_max_length=48, **loader_args
     )
@@ -91,7 +104,11 @@ def _history(tiny_config, chapter_data, *, eval_batched: bool, **loader_args):
     [{}, {"grouped": True}, {"chapter_compat": True}],
     ids=["seeded", "grouped", "chapter-compat"],
 )
-def test_train_history_is_the_same_with_batched_evaluation(tiny_config, chapter_data, loader_args):
+def test_train_history_is_the_same_with_batched_evaluation(
+    tiny_config: GPTConfig,
+    chapter_data: list[dict[str, str]],
+    loader_args: dict[Any, Any] | dict[str, bool],
+) -> None:
     plain, plain_weights = _history(tiny_config, chapter_data, eval_batched=False, **loader_args)
     batched, batched_weights = _history(tiny_config, chapter_data, eval_batched=True, **loader_args)
     assert plain["epoch"].max() > 2  # evaluations in every epoch, including later ones
@@ -104,7 +121,7 @@ def test_train_history_is_the_same_with_batched_evaluation(tiny_config, chapter_
         assert torch.equal(batched_weights[name], tensor), name
 
 
-def test_eval_batched_option_is_checked():
+def test_eval_batched_option_is_checked() -> None:
     assert RunOptions().eval_batched is False
     with pytest.raises(ValueError, match="eval_batched"):
         RunOptions(eval_batched="yes")  # type: ignore[arg-type]

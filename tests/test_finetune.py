@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
 from helpers.config import TINY_RUN_DEFAULTS, get_config
 from helpers.finetune import main
+from helpers.review.metrics import answer_report
 from helpers.review.responses import load_responses
 from helpers.run.cli import build_parser, settings_from_args
+from helpers.run.train_config import RunOptions
 from helpers.weights import load_model, read_metadata
 
 
-def _args(data_path, out, *extra: str) -> list[str]:
+def _args(data_path: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", "tiny", "--data", str(data_path), "--limit", "40", "--batch-size", "4",
         "--epochs", "1", "--eval-freq", "2", "--eval-iter", "2", "--max-new-tokens", "8",
@@ -22,7 +26,9 @@ def _args(data_path, out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_tiny_run_writes_every_artifact_and_resumes(chapter_data_path, tmp_path, capsys):
+def test_tiny_run_writes_every_artifact_and_resumes(
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     assert main(_args(chapter_data_path, out, "--mask-prompt")) == 0
     printed = capsys.readouterr().out
@@ -51,6 +57,11 @@ def test_tiny_run_writes_every_artifact_and_resumes(chapter_data_path, tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["entries"] == {"train": 34, "validation": 2, "test": 4}
     assert summary["settings"]["lr"] == TINY_RUN_DEFAULTS.lr  # tiny mode's documented default
+    # The answers scored as written, next to the baselines and the book's published ones.
+    assert summary["answers"] == answer_report(responses.entries)
+    answers = summary["answers"]
+    assert answers["n"] == 4 and "copy the input" in answers["baselines_rougeL"]
+    assert "Test answers:   4: ROUGE-L" in printed and "copying the input" in printed
 
     # A second epoch from the checkpoint continues the same history.
     assert main(_args(chapter_data_path, out, "--mask-prompt", "--epochs", "2", "--resume")) == 0
@@ -68,14 +79,18 @@ def test_tiny_run_writes_every_artifact_and_resumes(chapter_data_path, tmp_path,
         (["--style", "chatml"], "--style: invalid choice"),
     ],
 )
-def test_bad_options_exit_with_a_clear_message(extra, message, capsys):
+def test_bad_options_exit_with_a_clear_message(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         main([*extra])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
-def test_run_level_errors_are_clear(chapter_data_path, tmp_path, capsys):
+def test_run_level_errors_are_clear(
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Expected errors: one line on stderr and exit code 2 (no traceback, no SystemExit).
     assert main(_args(chapter_data_path, tmp_path / "none", "--resume")) == 2
     assert "--resume: no checkpoint" in capsys.readouterr().err
@@ -83,7 +98,9 @@ def test_run_level_errors_are_clear(chapter_data_path, tmp_path, capsys):
     assert "raise --limit" in capsys.readouterr().err
 
 
-def test_chapter_compat_run_is_chapter_faithful_end_to_end(chapter_data_path, tmp_path):
+def test_chapter_compat_run_is_chapter_faithful_end_to_end(
+    chapter_data_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "compat"
     extra = ("--chapter-compat", "--test-limit", "1", "--eval-freq", "4")
     assert main(_args(chapter_data_path, out, *extra)) == 0
@@ -98,7 +115,9 @@ def test_chapter_compat_run_is_chapter_faithful_end_to_end(chapter_data_path, tm
     assert responses.metadata["generation"]["chapter_compat"] is True
 
 
-def test_chapter_compat_defaults_to_the_environment(monkeypatch, capsys):
+def test_chapter_compat_defaults_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def compat(*extra: str) -> bool:
         return settings_from_args(
             build_parser().parse_args(["--model", "tiny", *extra])
@@ -118,13 +137,17 @@ def test_chapter_compat_defaults_to_the_environment(monkeypatch, capsys):
         assert f"error: {source} contradicts --grouped" in capsys.readouterr().err
 
 
-def test_eval_batched_reaches_the_training_loop(monkeypatch, tmp_path):
+def test_eval_batched_reaches_the_training_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """--eval-batched is a run option: it must arrive in train()'s RunOptions, not vanish."""
     import helpers.finetune as finetune
 
-    seen = {}
+    seen: dict[str, RunOptions] = {}
 
-    def fake_train(model, train_loader, val_loader, *, options, **kw):
+    def fake_train(
+        model: Any, train_loader: Any, val_loader: Any, *, options: RunOptions, **kw: Any
+    ) -> pd.DataFrame:
         seen["options"] = options
         return pd.DataFrame(columns=["step", "epoch", "tokens_seen", "train_loss", "val_loss"])
 
@@ -133,7 +156,8 @@ def test_eval_batched_reaches_the_training_loop(monkeypatch, tmp_path):
         settings = settings_from_args(
             build_parser().parse_args(["--model", "tiny", "--output-dir", str(tmp_path), *flags])
         )
-        finetune.fit(settings, loaded=_FakeLoaded(), built=_FakeBuilt())
+        # Stand-ins holding just what fit() reads.
+        finetune.fit(settings, loaded=_FakeLoaded(), built=_FakeBuilt())  # type: ignore[arg-type]
         assert seen["options"].eval_batched is expected
 
 

@@ -12,14 +12,14 @@ import torch
 
 from helpers.finetune import ADAPTERS_NAME, main
 from helpers.lora.adapters import load_lora_adapters
-from helpers.lora.layers import count_parameters, merge_lora
+from helpers.lora.layers import LoRAConfig, count_parameters, merge_lora
 from helpers.review.responses import load_responses
-from helpers.run.cli import LORA_TARGETS, FinetuneSettings, build_parser, settings_from_args
+from helpers.run.cli import FinetuneSettings, build_parser, settings_from_args
 from helpers.run.train_config import TrainConfig
 from helpers.weights import load_model, random_model, read_metadata
 
 
-def _args(data_path, out, *extra: str) -> list[str]:
+def _args(data_path: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", "tiny", "--data", str(data_path), "--limit", "40", "--batch-size", "4",
         "--epochs", "1", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", "2",
@@ -28,8 +28,8 @@ def _args(data_path, out, *extra: str) -> list[str]:
 
 
 def test_lora_run_trains_only_the_adapters_and_saves_them_and_the_merged_model(
-    chapter_data_path, tmp_path, capsys
-):
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     assert main(_args(chapter_data_path, out, "--lora-rank", "2", "--lora-alpha", "4")) == 0
     printed = capsys.readouterr().out
@@ -45,7 +45,7 @@ def test_lora_run_trains_only_the_adapters_and_saves_them_and_the_merged_model(
     assert summary["lora"] == {"rank": 2, "alpha": 4.0, "rank_scaled": False,
                                "targets": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
                                "adapters": ADAPTERS_NAME}  # fmt: skip
-    assert ADAPTERS_NAME in summary["files"] and summary["settings"]["lora_rank"] == 2
+    assert ADAPTERS_NAME in summary["files"] and summary["settings"]["lora"]["rank"] == 2
     meta = read_metadata(out / "tiny-sft.safetensors")
     assert json.loads(meta["lora"])["rank"] == 2 and "LoRA" in meta["weights"]
     assert "LoRA" in load_responses(out / "instruction-data-with-response.json").metadata["weights"]
@@ -76,25 +76,40 @@ def test_lora_run_trains_only_the_adapters_and_saves_them_and_the_merged_model(
     assert pd.read_csv(out / "history.csv")["step"].tolist() == [0, 4, 8, 12]
 
 
-def test_lora_settings_default_alpha_to_the_rank_and_check_their_values():
+def test_lora_settings_default_alpha_to_the_rank_and_check_their_values() -> None:
     book = settings_from_args(build_parser().parse_args(["--model", "tiny", "--lora-rank", "16"]))
-    assert (book.lora_rank, book.lora_alpha) == (16, 16.0) and book.lora_targets == LORA_TARGETS
-    assert settings_from_args(build_parser().parse_args(["--model", "tiny"])).lora_rank is None
-    picked = settings_from_args(build_parser().parse_args(
-        ["--model", "tiny", "--lora-rank", "4", "--lora-targets", "mlp", "mlp", "--lora-rank-scaled"]
-    ))  # fmt: skip
-    assert (picked.lora_targets, picked.lora_rank_scaled) == (("mlp",), True)
+    assert book.lora == LoRAConfig(rank=16, alpha=16.0, targets=("attn", "mlp"))
+    assert settings_from_args(build_parser().parse_args(["--model", "tiny"])).lora is None
+    picked = settings_from_args(
+        build_parser().parse_args(
+            [
+                "--model",
+                "tiny",
+                "--lora-rank",
+                "4",
+                "--lora-targets",
+                "mlp",
+                "mlp",
+                "--lora-rank-scaled",
+            ]
+        )
+    )
+    assert picked.lora == LoRAConfig(rank=4, alpha=4.0, targets=("mlp",), rank_scaled=True)
+    assert picked.lora.targets == ("mlp.c_fc", "mlp.c_proj")
 
     def make(**lora: Any) -> FinetuneSettings:
-        return FinetuneSettings(model="tiny", output_dir=Path("out"), train=TrainConfig(), **lora)
+        config = LoRAConfig(**lora)
+        return FinetuneSettings(
+            model="tiny", output_dir=Path("out"), train=TrainConfig(), lora=config
+        )
 
-    assert make(lora_rank=8, lora_targets=["attn"]).lora_targets == ("attn",)
-    with pytest.raises(ValueError, match="need lora_rank"):
-        make(lora_alpha=8)
-    with pytest.raises(ValueError, match="lora_alpha must be > 0"):
-        make(lora_rank=8, lora_alpha=float("inf"))
-    with pytest.raises(ValueError, match="lora_targets"):
-        make(lora_rank=8, lora_targets=("head",))
+    assert make(rank=8, alpha=8, targets=["attn"]).lora == LoRAConfig(8, 8, ("attn",))
+    with pytest.raises(TypeError, match="alpha"):
+        make(rank=8)
+    with pytest.raises(ValueError, match="LoRAConfig.alpha must be > 0"):
+        make(rank=8, alpha=float("inf"))
+    with pytest.raises(ValueError, match="LoRAConfig.targets"):
+        make(rank=8, alpha=8, targets=("head",))
 
 
 @pytest.mark.parametrize(
@@ -111,7 +126,9 @@ def test_lora_settings_default_alpha_to_the_rank_and_check_their_values():
         (["--lora-rank", "2", "--lora-targets", "head"], "--lora-targets: invalid choice"),
     ],
 )
-def test_bad_lora_flags_are_usage_errors(extra, message, capsys):
+def test_bad_lora_flags_are_usage_errors(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny", *extra])
     assert exc.value.code == 2

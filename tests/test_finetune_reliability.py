@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from helpers.run.train_extensions import TrainingInterrupted
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _args(data_path, out, *extra: str) -> list[str]:
+def _args(data_path: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", "tiny", "--data", str(data_path), "--limit", "40", "--batch-size", "4",
         "--epochs", "1", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", "2",
@@ -36,7 +37,7 @@ def _args(data_path, out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _one_line_error(capsys, *needles: str) -> str:
+def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     for needle in needles:
@@ -47,7 +48,7 @@ def _one_line_error(capsys, *needles: str) -> str:
 # --- settings ---------------------------------------------------------------------------
 
 
-def test_every_train_config_field_has_a_generated_flag():
+def test_every_train_config_field_has_a_generated_flag() -> None:
     parser = build_parser()
     flags = {a.dest: a for a in parser._actions}
     for f in fields(TrainConfig):
@@ -57,7 +58,9 @@ def test_every_train_config_field_has_a_generated_flag():
     assert "--grad-accum" in flags["grad_accum_steps"].option_strings
 
 
-def test_settings_come_from_one_table_and_leave_args_alone(chapter_data_path, tmp_path):
+def test_settings_come_from_one_table_and_leave_args_alone(
+    chapter_data_path: Path, tmp_path: Path
+) -> None:
     args = build_parser().parse_args(_args(chapter_data_path, tmp_path, "--limit", "50"))
     before = dict(vars(args))
     settings = settings_from_args(args)
@@ -69,7 +72,7 @@ def test_settings_come_from_one_table_and_leave_args_alone(chapter_data_path, tm
     assert (medium.train.lr, medium.limit, medium.max_new_tokens) == (5e-5, None, 256)
 
 
-def test_seed_seeds_the_random_init(chapter_data_path, tmp_path):
+def test_seed_seeds_the_random_init(chapter_data_path: Path, tmp_path: Path) -> None:
     def weights(*extra: str) -> torch.Tensor:
         settings = settings_from_args(
             build_parser().parse_args(_args(chapter_data_path, tmp_path, *extra))
@@ -80,7 +83,7 @@ def test_seed_seeds_the_random_init(chapter_data_path, tmp_path):
     assert not torch.equal(weights("--seed", "7"), weights("--seed", "8"))
 
 
-def test_run_raises_instead_of_exiting(chapter_data_path, tmp_path):
+def test_run_raises_instead_of_exiting(chapter_data_path: Path, tmp_path: Path) -> None:
     settings = settings_from_args(
         build_parser().parse_args(_args(chapter_data_path, tmp_path, "--limit", "5"))
     )
@@ -91,7 +94,9 @@ def test_run_raises_instead_of_exiting(chapter_data_path, tmp_path):
 # --- expected errors: one line, exit code 2 ------------------------------------------
 
 
-def test_bad_dataset_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+def test_bad_dataset_is_one_line_and_debug_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "x"}]')
     assert finetune.main(_args(bad, tmp_path / "out")) == 2
@@ -101,8 +106,11 @@ def test_bad_dataset_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys)
 
 
 def test_unwritable_or_full_output_folder_fails_before_training(
-    chapter_data_path, tmp_path, capsys, monkeypatch
-):
+    chapter_data_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert finetune.main(_args(chapter_data_path, blocker / "out")) == 2
@@ -117,8 +125,13 @@ def test_unwritable_or_full_output_folder_fails_before_training(
     _one_line_error(capsys, "MiB free", str(tmp_path / "full"))
 
 
-def test_nan_during_training_is_one_line(chapter_data_path, tmp_path, capsys, monkeypatch):
-    def diverge(*args, **kwargs):
+def test_nan_during_training_is_one_line(
+    chapter_data_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def diverge(*args: Any, **kwargs: Any) -> None:
         raise FloatingPointError("training loss is nan at step 3 (epoch 1, batch 4)")
 
     monkeypatch.setattr(finetune, "train", diverge)
@@ -127,9 +140,12 @@ def test_nan_during_training_is_one_line(chapter_data_path, tmp_path, capsys, mo
 
 
 def test_interrupt_before_any_checkpoint_does_not_suggest_resume(
-    chapter_data_path, tmp_path, capsys, monkeypatch
-):
-    def interrupted(*args, **kwargs):
+    chapter_data_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
         raise TrainingInterrupted("SIGINT", checkpoint=None, step=0)
 
     monkeypatch.setattr(finetune, "train", interrupted)
@@ -138,10 +154,15 @@ def test_interrupt_before_any_checkpoint_does_not_suggest_resume(
     assert "no checkpoint was saved" in err and "--resume" not in err
 
 
-def test_failed_checkpoint_still_writes_the_model(chapter_data_path, tmp_path, capsys, monkeypatch):
+def test_failed_checkpoint_still_writes_the_model(
+    chapter_data_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import helpers.run.checkpoints
 
-    def full_disk(obj, path):
+    def full_disk(obj: object, path: object) -> None:
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(helpers.run.checkpoints.torch, "save", full_disk)
@@ -154,7 +175,9 @@ def test_failed_checkpoint_still_writes_the_model(chapter_data_path, tmp_path, c
     assert "enforce fail" not in warning + error
 
 
-def test_resume_refuses_other_settings_and_other_data(chapter_data_path, tmp_path, capsys):
+def test_resume_refuses_other_settings_and_other_data(
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     assert finetune.main(_args(chapter_data_path, out)) == 0
     capsys.readouterr()
@@ -174,7 +197,7 @@ def test_resume_refuses_other_settings_and_other_data(chapter_data_path, tmp_pat
 # --- real signals to a real process --------------------------------------------------
 
 
-def _start(data_path, out, *extra: str) -> subprocess.Popen:
+def _start(data_path: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "helpers.finetune",
            *_args(data_path, out, "--epochs", "200", "--eval-freq", "50", *extra)]  # fmt: skip
@@ -182,7 +205,7 @@ def _start(data_path, out, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_file():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -192,7 +215,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-def test_sigterm_saves_a_checkpoint(chapter_data_path, tmp_path):
+def test_sigterm_saves_a_checkpoint(chapter_data_path: Path, tmp_path: Path) -> None:
     # SIGHUP takes the same path (tests/test_train_reliability.py sends both in-process).
     signame = "SIGTERM"
     out = tmp_path / "run"
@@ -209,7 +232,9 @@ def test_sigterm_saves_a_checkpoint(chapter_data_path, tmp_path):
     assert state.step >= 3 and not list((out / "checkpoints").glob("*.tmp"))
 
 
-def test_a_killed_run_leaves_a_usable_periodic_checkpoint(chapter_data_path, tmp_path):
+def test_a_killed_run_leaves_a_usable_periodic_checkpoint(
+    chapter_data_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     proc = _start(chapter_data_path, out, "--checkpoint-minutes", "0.002")  # by the clock
     try:
@@ -222,7 +247,7 @@ def test_a_killed_run_leaves_a_usable_periodic_checkpoint(chapter_data_path, tmp
     assert load_checkpoint(out / "checkpoints").state.step >= 1
 
 
-def test_contradicting_checkpoint_flags_are_refused(capsys):
+def test_contradicting_checkpoint_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         finetune.main(["--model", "tiny", "--no-checkpoint", "--checkpoint-every", "5"])
     assert exc.value.code == 2

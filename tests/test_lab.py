@@ -1,4 +1,7 @@
-"""`make lab`, the course's main command: JupyterLab serves the notebooks with the project's kernel.
+"""`make lab`, the course's main command: JupyterLab serves the course with the project's kernel.
+
+It serves the repository root (so `helpers/`, which every check names, is one click away) and
+lands on notebook 01.
 
 Starts it headless on a free loopback port (as root too, as in Docker and CI), talks to the
 Jupyter server's REST API with a known token, and shuts it down; bounded in time.
@@ -15,14 +18,17 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv"
 START_TIMEOUT_S = 120
+FIRST_NOTEBOOK = "notebooks/01_dataset_formatting.ipynb"
 STOP_TIMEOUT_S = 30
 
 
@@ -45,7 +51,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _api(base: str, token: str, path: str, method: str = "GET") -> dict:
+def _api(base: str, token: str, path: str, method: str = "GET") -> dict[str, Any]:
     request = urllib.request.Request(
         f"{base}/api/{path}", method=method, headers={"Authorization": f"token {token}"}
     )
@@ -54,7 +60,22 @@ def _api(base: str, token: str, path: str, method: str = "GET") -> dict:
     return json.loads(body) if body else {}
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _landing(base: str, token: str) -> str:
+    """Where the server's root URL sends a browser: the path of its redirect."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        opener.open(f"{base}/?token={token}", timeout=10)
+    except urllib.error.HTTPError as redirect:  # 302, not followed
+        return urllib.parse.urlsplit(redirect.headers["Location"]).path
+    raise AssertionError("the root URL did not redirect")
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
     """End make, JupyterLab and its kernels: the whole process group started for the test."""
     if proc.poll() is not None:
         return
@@ -116,10 +137,14 @@ def test_make_lab_serves_the_notebooks_with_the_project_kernel(tmp_path: Path) -
 
         banner = log()
         assert "Course model: tiny" in banner and "COURSE_MODEL=<name>" in banner
-        assert f"http://127.0.0.1:{port}/lab" in banner
+        assert f"http://127.0.0.1:{port}/lab/tree/{FIRST_NOTEBOOK}" in banner
 
-        # The server's root is notebooks/: notebook 01 comes back as a notebook with its cells.
-        model = _api(base, token, "contents/01_dataset_formatting.ipynb?content=1")
+        # The server's root is the repository: notebooks/ and helpers/ side by side ...
+        root = {item["name"]: item["type"] for item in _api(base, token, "contents")["content"]}
+        assert root.get("notebooks") == "directory" and root.get("helpers") == "directory", root
+        # ... and the landing page is notebook 01: the server's front door redirects there.
+        assert _landing(base, token) == f"/lab/tree/{FIRST_NOTEBOOK}"
+        model = _api(base, token, f"contents/{FIRST_NOTEBOOK}?content=1")
         assert model["type"] == "notebook"
         notebook = model["content"]
         assert notebook["cells"]

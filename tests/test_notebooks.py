@@ -1,12 +1,13 @@
 """The committed notebooks render everywhere: JupyterLab (trusted or not), nbconvert HTML, GitHub.
 
-Reads the saved .ipynb files only (no kernel). `make notebooks` re-runs them and then runs this.
+Reads the saved .ipynb files only (no kernel); one check exports them to HTML with nbconvert. `make notebooks` re-runs them and then runs this.
 Each check lists every offending output as "<notebook> cell <index> (<first source line>): ...",
 the cell index counting all cells from 0, as nbformat and JupyterLab's cell list do.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ RAW_WIDGET_REPR = re.compile(
 MACHINE_PATH = re.compile(r"/work/|/home/|/root/|/tmp/|/Users/|[A-Za-z]:\\\\?Users\\", re.I)
 NBVAL_COMMENT = re.compile(r"\s*#\s*NBVAL_", re.I)
 FROZEN_BAR = re.compile(r"\b0%\|")
+# The one-line note above each widget (helpers.widgets.live): it responds once the cell has run.
+LIVE_NOTE = "Live widget:"
 # Output data that is not text a reader sees (images are base64, where "/tmp/" can occur).
 BINARY_PREFIXES = ("image/", "application/pdf", WIDGET_VIEW)
 
@@ -233,6 +236,87 @@ def test_progress_bars_are_saved_in_their_final_state(path: Path) -> None:
     _fail(problems, "progress bars frozen at 0%")
 
 
+def _visible(page: str) -> str:
+    """What a reader sees of an HTML fragment without JavaScript: no scripts, tags or styles."""
+    page = re.sub(r"<(script|style)\b.*?</\1>", " ", page, flags=re.S | re.I)
+    return _squash(re.sub(r"<[^>]+>", " ", page))
+
+
+def _squash(text: str) -> str:
+    return " ".join(html.unescape(text).split())
+
+
+def exported_outputs(path: Path) -> list[str]:
+    """Visible text of each code cell's outputs in nbconvert's HTML export, in cell order."""
+    from nbconvert import HTMLExporter
+
+    page, _ = HTMLExporter().from_filename(str(path))
+    cells = re.split(r'class="jp-Cell ', page)[1:]
+    outputs = [re.split(r"jp-Cell-outputWrapper[^>]*>", c, maxsplit=1) for c in cells]
+    return [
+        _visible(parts[1] if len(parts) == 2 else "")
+        for cell, parts in zip(cells, outputs, strict=True)
+        if cell.startswith("jp-CodeCell")
+    ]
+
+
+def widget_fallback_problems(path: Path) -> list[str]:
+    """Widgets whose text fallback or live note an HTML export (no JavaScript) does not show.
+
+    Where the notebook saved its widget state, nbconvert draws a widget view with JavaScript
+    only and drops the text beside it, so the fallback must be shown by another output of the
+    same cell (helpers.widgets.live's plain view); the "Live widget: ..." note too.
+    """
+    nb = _load(path)
+    code = list(_code_cells(nb))
+    shown = exported_outputs(path)
+    if len(shown) != len(code):
+        return [f"{path.name}: the HTML export has {len(shown)} code cells, not {len(code)}"]
+    problems = []
+    for (index, cell), visible in zip(code, shown, strict=True):
+        views = [o["data"] for o in cell.get("outputs", []) if WIDGET_VIEW in o.get("data", {})]
+        for data in views:
+            lines = [_squash(line) for line in _text(data.get("text/plain", "")).splitlines()]
+            missing = [line for line in lines if line and line not in visible]
+            if not any(lines):
+                problems.append(f"{_where(path, index, cell)}: widget view without a text fallback")
+            elif missing:
+                problems.append(
+                    f"{_where(path, index, cell)}: the HTML export does not show the widget's "
+                    f"fallback {missing[0][:70]!r} ({len(missing)} of {len(lines)} lines); show "
+                    "its content as a plain output too (helpers.widgets.live)"
+                )
+        if views and LIVE_NOTE not in visible:
+            problems.append(
+                f"{_where(path, index, cell)}: the HTML export shows no {LIVE_NOTE!r} note "
+                "saying the widget responds once the cell has run"
+            )
+    return problems
+
+
+@notebooks
+def test_html_export_shows_each_widgets_fallback(path: Path) -> None:
+    _fail(widget_fallback_problems(path), "widgets that an HTML export shows as an empty output")
+
+
+@notebooks
+def test_each_widget_has_a_live_note_above_it(path: Path) -> None:
+    nb = _load(path)
+    problems = []
+    for index, cell in _code_cells(nb):
+        noted = False
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if _text(data.get("text/plain", "")).startswith(LIVE_NOTE):
+                noted = True
+            elif WIDGET_VIEW in data and not noted:
+                problems.append(
+                    f"{_where(path, index, cell)}: widget without a {LIVE_NOTE!r} note above it "
+                    "(helpers.widgets.live.note_output)"
+                )
+    _fail(problems, "widgets that do not say they respond only after the cell has run")
+
+
 CHECKS = [
     test_widget_views_have_saved_state_or_a_static_fallback,
     test_outputs_show_no_machine_paths,
@@ -242,6 +326,8 @@ CHECKS = [
     test_one_clean_top_to_bottom_run,
     test_no_raw_widget_reprs,
     test_progress_bars_are_saved_in_their_final_state,
+    test_html_export_shows_each_widgets_fallback,
+    test_each_widget_has_a_live_note_above_it,
 ]
 
 
@@ -263,12 +349,26 @@ def _view(model: str) -> dict[str, Any]:
     return {"version_major": 2, "version_minor": 0, "model_id": model}
 
 
-def _write(tmp_path: Path, cells: list[dict[str, Any]], state: dict | None) -> Path:
+def _write(tmp_path: Path, cells: list[dict[str, Any]], state: dict[str, Any] | None) -> Path:
     metadata = {"widgets": {WIDGET_STATE: {"state": state}}} if state is not None else {}
     path = tmp_path / "nb.ipynb"
+    cells = [{"id": f"cell-{i}", **cell} for i, cell in enumerate(cells)]
     nb = {"cells": cells, "metadata": metadata, "nbformat": 4, "nbformat_minor": 5}
     path.write_text(json.dumps(nb), encoding="utf-8")
     return path
+
+
+def _live_widget(model: str, *, note: bool = True, view: bool = True) -> list[dict[str, Any]]:
+    """A widget's outputs as helpers.widgets.live shows them: note, controls, plain view."""
+    settings = "example 0 of 5 · style alpaca"
+    outputs = [_display(**{"text/plain": settings, WIDGET_VIEW: _view(model)})]
+    if note:
+        text = f"{LIVE_NOTE} the controls respond once you run this cell"
+        outputs.insert(0, _display(**{"text/plain": text, "text/html": f"<p>{text}</p>"}))
+    if view:
+        table = "<table><tr><td>pos</td><td>token</td></tr></table>"
+        outputs.append(_display(**{"text/plain": "…", "text/html": f"<p>{settings}</p>{table}"}))
+    return outputs
 
 
 def test_the_checks_pass_a_clean_notebook(tmp_path: Path) -> None:
@@ -281,8 +381,8 @@ def test_the_checks_pass_a_clean_notebook(tmp_path: Path) -> None:
             {"output_type": "stream", "name": "stdout", "text": "runs/tiny/model.pt\n"},
         ),
         _cell("", None),
-        _cell("train()", 2, _display(**{"text/plain": bar, WIDGET_VIEW: _view("m1")})),
-        _cell("table", 3, _display(**{"text/plain": "pos  token", WIDGET_VIEW: _view("m2")})),
+        _cell("train()", 2, _display(**{"text/plain": bar, "text/html": f"<div>{bar}</div>"})),
+        _cell("inspector", 3, *_live_widget("m2")),
     ]
     path = _write(tmp_path, cells, {"m1": {"state": {"value": "fine-tuning: 100%"}}, "m2": {}})
     for check in CHECKS:
@@ -330,10 +430,17 @@ def test_the_checks_pass_a_clean_notebook(tmp_path: Path) -> None:
             ),
             {"m": {}},
         ),
+        # With saved state the export draws the view with JavaScript only: nothing else shows
+        # the widget's fallback, or the note is missing.
+        (CHECKS[8], _cell("w", 1, *_live_widget("m", view=False)), {"m": {}}),
+        (CHECKS[8], _cell("w", 1, *_live_widget("m", note=False)), {"m": {}}),
+        (CHECKS[8], _cell("w", 1, _display(**{"text/plain": "", WIDGET_VIEW: _view("m")})), None),
+        (CHECKS[9], _cell("w", 1, *_live_widget("m", note=False)), {"m": {}}),
+        (CHECKS[9], _cell("w", 1, *reversed(_live_widget("m"))), {"m": {}}),
     ],
 )
 def test_the_checks_catch_each_problem(
-    tmp_path: Path, check: Any, cell: dict[str, Any], state: dict | None
+    tmp_path: Path, check: Any, cell: dict[str, Any], state: dict[str, Any] | None
 ) -> None:
     with pytest.raises(pytest.fail.Exception, match=r"nb\.ipynb"):
         check(_write(tmp_path, [cell], state))

@@ -75,34 +75,37 @@ def _sources() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_module_imports_and_has_a_docstring(name):
+def test_module_imports_and_has_a_docstring(name: str) -> None:
     module = importlib.import_module(name)
     assert module.__doc__ and module.__doc__.strip(), f"{name} has no module docstring"
 
 
-def test_no_module_shadows_the_standard_library():
+def test_no_module_shadows_the_standard_library() -> None:
     shadowing = [m for m in MODULES if m.rsplit(".", 1)[-1] in sys.stdlib_module_names]
     assert shadowing == []
 
 
-def test_the_chapter_core_is_at_the_top_and_the_rest_in_subpackages():
+def test_the_chapter_core_is_at_the_top_and_the_rest_in_subpackages() -> None:
     top = sorted(p.stem for p in HELPERS.glob("*.py") if p.stem != "__init__")
     assert len(top) <= MAX_TOP_MODULES, top
     assert {"dpo", "lora", "review", "serve", "run", "widgets"} <= set(SUBPACKAGES)
 
 
-def test_tests_mirror_the_subpackages():
+def test_tests_mirror_the_subpackages() -> None:
     missing = [s for s in SUBPACKAGES if not list((ROOT / "tests" / s).glob("test_*.py"))]
     assert missing == [], f"no tests/<subpackage>/ for {missing}"
 
 
-def test_no_import_cycles():
+def test_no_import_cycles() -> None:
     trees = _trees()
-    graph = {m: {i.module for i in _helpers_imports(t)} & trees.keys() for m, t in trees.items()}
+    graph: dict[str, set[str]] = {
+        m: {i.module or "" for i in _helpers_imports(t)} & trees.keys() for m, t in trees.items()
+    }
     # graph's imports may name a package (its __init__); a cycle is a path back to the start
     cycles = []
     for start in graph:
-        stack, seen = [(start, (start,))], set()
+        stack: list[tuple[str, tuple[str, ...]]] = [(start, (start,))]
+        seen: set[str] = set()
         while stack:
             node, path = stack.pop()
             for nxt in graph[node]:
@@ -114,7 +117,7 @@ def test_no_import_cycles():
     assert cycles == []
 
 
-def test_every_name_is_imported_from_the_module_that_defines_it():
+def test_every_name_is_imported_from_the_module_that_defines_it() -> None:
     defined = {m: _defined_names(t) for m, t in _trees().items()}
     wrong = []
     for where, source in _sources():
@@ -128,7 +131,7 @@ def test_every_name_is_imported_from_the_module_that_defines_it():
     assert wrong == []
 
 
-def test_no_module_getattr():
+def test_no_module_getattr() -> None:
     offenders = [
         m
         for m, tree in _trees().items()
@@ -137,7 +140,7 @@ def test_no_module_getattr():
     assert offenders == []
 
 
-def test_functions_are_short_enough_to_see_whole():
+def test_functions_are_short_enough_to_see_whole() -> None:
     long = [
         f"{m}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
         for m, tree in _trees().items()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from helpers.prompts import (
@@ -27,7 +29,7 @@ PREAMBLE = (
 )
 
 
-def test_alpaca_exact_template():
+def test_alpaca_exact_template() -> None:
     assert format_input(WITH_INPUT) == (
         f"{PREAMBLE}\n\n### Instruction:\nRewrite the sentence using a simile."
         "\n\n### Input:\nThe car is very fast."
@@ -42,7 +44,7 @@ def test_alpaca_exact_template():
     assert format_example(WITH_INPUT) == format_input(WITH_INPUT) + format_response(WITH_INPUT)
 
 
-def test_phi3_exact_template():
+def test_phi3_exact_template() -> None:
     assert format_input(WITH_INPUT, "phi3") == (
         "<|user|>\nRewrite the sentence using a simile.\nThe car is very fast."
     )
@@ -56,7 +58,7 @@ def test_phi3_exact_template():
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
 @pytest.mark.parametrize("entry", [WITH_INPUT, NO_INPUT], ids=["input", "no-input"])
-def test_each_style_formats_an_entry_and_extracts_it_back(style, entry):
+def test_each_style_formats_an_entry_and_extracts_it_back(style: str, entry: Any) -> None:
     prompt = format_prompt(entry, style)
     # The instruction, then the input (when there is one), then the response header last.
     at = prompt.index(entry["instruction"])
@@ -71,7 +73,7 @@ def test_each_style_formats_an_entry_and_extracts_it_back(style, entry):
     assert extract_response(text[len(prompt) :], style) == entry["output"]
 
 
-def test_style_lookup():
+def test_style_lookup() -> None:
     assert get_style("ALPACA").name == "alpaca"
     style = PROMPT_STYLES["phi3"]
     assert get_style(style) is style and isinstance(style, PromptStyle)
@@ -81,7 +83,7 @@ def test_style_lookup():
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_round_trip_on_chapter_data(chapter_data, style):
+def test_round_trip_on_chapter_data(chapter_data: list[dict[str, str]], style: str) -> None:
     for entry in chapter_data:
         text = format_example(entry, style)
         assert extract_response(text, style) == entry["output"]
@@ -89,14 +91,14 @@ def test_round_trip_on_chapter_data(chapter_data, style):
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_extract_stops_at_a_new_turn(style):
+def test_extract_stops_at_a_new_turn(style: str) -> None:
     prompt = format_prompt(WITH_INPUT, style)
     next_turn = format_prompt(NO_INPUT, style)
     generated = prompt + " The car is as fast as lightning. " + next_turn + "Paris."
     assert extract_response(generated, style) == "The car is as fast as lightning."
 
 
-def test_extract_without_prompt_and_edge_cases():
+def test_extract_without_prompt_and_edge_cases() -> None:
     # Only the generated continuation (prompt already cut off by the caller).
     assert extract_response("Paris.\n\n### Instruction:\nmore", "alpaca") == "Paris."
     assert extract_response("  Paris.  ", "alpaca") == "Paris."
@@ -107,7 +109,7 @@ def test_extract_without_prompt_and_edge_cases():
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_extract_new_tokens_followed_by_an_invented_turn(style):
+def test_extract_new_tokens_followed_by_an_invented_turn(style: str) -> None:
     # generate/serve pass only the new tokens: an invented second turn must not win.
     invented = format_prompt(NO_INPUT, style) + "Paris."
     assert extract_response("Lightning fast.\n\n" + invented, style) == "Lightning fast."
@@ -115,7 +117,7 @@ def test_extract_new_tokens_followed_by_an_invented_turn(style):
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_extract_after_a_prompt_without_response_header(style):
+def test_extract_after_a_prompt_without_response_header(style: str) -> None:
     # The chapter generates from format_input (no header); a model that writes none.
     prompt = format_input(WITH_INPUT, style)
     generated = prompt + "\n\nThe car is as fast as lightning."
@@ -128,7 +130,7 @@ def test_extract_after_a_prompt_without_response_header(style):
     assert extract_response(prompt, style) == ""  # nothing generated yet
 
 
-def test_section_headers_cut_only_as_whole_lines():
+def test_section_headers_cut_only_as_whole_lines() -> None:
     prompt = format_prompt(WITH_INPUT)
     mention = "Put the data under ### Input: and the task under ### Instruction: in Alpaca."
     assert extract_response(prompt + mention) == mention
@@ -140,7 +142,7 @@ def test_section_headers_cut_only_as_whole_lines():
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_extract_response_both_styles(style):
+def test_extract_response_both_styles(style: str) -> None:
     prompt = format_prompt(NO_INPUT, style)
     assert extract_response(prompt + " The capital is Paris. <|endoftext|>junk", style) == (
         "The capital is Paris."

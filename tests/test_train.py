@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.config import GPTConfig
 from helpers.model import GPTModel
 from helpers.run.checkpoints import load_checkpoint
 from helpers.run.train_config import RunOptions, TrainConfig, lr_factor
@@ -18,7 +23,7 @@ QUIET = RunOptions(progress=False, log_evals=False)
 
 def _loader(
     shift: int, *, n: int = 24, seq: int = 12, batch: int = 4, shuffle: bool, seed: int = 0
-):
+) -> DataLoader[tuple[torch.Tensor, ...]]:
     # Synthetic next-token task: target = (input + shift) mod 50, so train and validation
     # can teach contradictory mappings (rising validation loss on demand).
     g = torch.Generator().manual_seed(seed)
@@ -34,12 +39,12 @@ def _loader(
     )
 
 
-def _model(cfg, seed: int = 1) -> GPTModel:
+def _model(cfg: GPTConfig, seed: int = 1) -> GPTModel:
     torch.manual_seed(seed)
     return GPTModel(cfg)
 
 
-def test_calc_loss_matches_cross_entropy_and_ignores_masked(tiny_config):
+def test_calc_loss_matches_cross_entropy_and_ignores_masked(tiny_config: GPTConfig) -> None:
     model = _model(tiny_config).eval()
     loader = _loader(1, shuffle=False)
     x, y = next(iter(loader))
@@ -50,10 +55,13 @@ def test_calc_loss_matches_cross_entropy_and_ignores_masked(tiny_config):
     torch.testing.assert_close(loss, expected)
     batches = [calc_loss_batch(a, b, model, "cpu").item() for a, b in list(loader)[:2]]
     assert calc_loss_loader(loader, model, "cpu", num_batches=2) == pytest.approx(sum(batches) / 2)
-    assert math.isnan(calc_loss_loader(DataLoader([]), model, "cpu"))
+    empty: DataLoader[Any] = DataLoader([])  # type: ignore[arg-type]  # a list is a dataset
+    assert math.isnan(calc_loss_loader(empty, model, "cpu"))
 
 
-def test_loss_falls_on_chapter_batches(tiny_config, chapter_data, capsys):
+def test_loss_falls_on_chapter_batches(
+    tiny_config: GPTConfig, chapter_data: list[dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
     from helpers.batching import make_loaders
     from helpers.data import split_data
 
@@ -80,7 +88,9 @@ def test_loss_falls_on_chapter_batches(tiny_config, chapter_data, capsys):
     assert "Ep 1 (Step 000000): Train loss" in out and "Sample response:" in out
 
 
-def _resume_config(tmp_path, checkpoint_every=None, **kw) -> tuple[TrainConfig, RunOptions]:
+def _resume_config(
+    tmp_path: Path, checkpoint_every: int | None = None, **kw: Any
+) -> tuple[TrainConfig, RunOptions]:
     base = dict(
         num_epochs=2,
         lr=3e-3,
@@ -100,13 +110,13 @@ def _resume_config(tmp_path, checkpoint_every=None, **kw) -> tuple[TrainConfig, 
     return TrainConfig(**{**base, **kw}), options
 
 
-def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
+def test_interrupted_run_resumes_exactly(tiny_config: GPTConfig, tmp_path: Path) -> None:
     train_loader, val_loader = _loader(1, n=48, shuffle=True), _loader(1, shuffle=False, seed=5)
     full_model = _model(tiny_config)
     cfg, opts = _resume_config(tmp_path / "a")
     full = train(full_model, train_loader, val_loader, config=cfg, options=opts)
 
-    def interrupt(history):
+    def interrupt(history: pd.DataFrame) -> None:
         if len(history) == 5:  # mid-epoch, during an evaluation
             raise KeyboardInterrupt
 
@@ -139,7 +149,7 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_periodic_checkpoint_resumes_exactly(tiny_config, tmp_path):
+def test_periodic_checkpoint_resumes_exactly(tiny_config: GPTConfig, tmp_path: Path) -> None:
     train_loader, val_loader = _loader(1, shuffle=True), _loader(1, shuffle=False, seed=5)
     cfg, opts = _resume_config(
         tmp_path, num_epochs=3, checkpoint_every=5, grad_accum_steps=1, max_grad_norm=None
@@ -147,7 +157,7 @@ def test_periodic_checkpoint_resumes_exactly(tiny_config, tmp_path):
     full_model = _model(tiny_config)
     full = train(full_model, train_loader, val_loader, config=cfg, options=opts)
 
-    def crash(history):
+    def crash(history: pd.DataFrame) -> None:
         if len(history) == 7:  # step 12: the last periodic checkpoint is step 10
             raise RuntimeError("simulated crash")
 
@@ -155,6 +165,7 @@ def test_periodic_checkpoint_resumes_exactly(tiny_config, tmp_path):
         train(
             _model(tiny_config), train_loader, val_loader, config=cfg, options=opts, callback=crash
         )
+    assert opts.checkpoint_dir is not None
     assert load_checkpoint(opts.checkpoint_dir).state.step == 10
     resumed_model = _model(tiny_config, seed=7)
     resumed = train(
@@ -172,7 +183,7 @@ def test_periodic_checkpoint_resumes_exactly(tiny_config, tmp_path):
     )
 
 
-def test_resume_rejects_a_different_setup(tiny_config, tmp_path):
+def test_resume_rejects_a_different_setup(tiny_config: GPTConfig, tmp_path: Path) -> None:
     train_loader, val_loader = _loader(1, shuffle=True), _loader(1, shuffle=False)
     cfg, opts = _resume_config(tmp_path, num_epochs=1)
     train(_model(tiny_config), train_loader, val_loader, config=cfg, options=opts)
@@ -196,13 +207,13 @@ def test_resume_rejects_a_different_setup(tiny_config, tmp_path):
         )
 
 
-def test_early_stopping_fires_and_restores_best_weights(tiny_config):
+def test_early_stopping_fires_and_restores_best_weights(tiny_config: GPTConfig) -> None:
     # Training teaches +1, validation expects +2: validation loss rises from the start.
     train_loader, val_loader = _loader(1, n=64, shuffle=True), _loader(2, shuffle=False)
     model = _model(tiny_config)
     snapshots = []
 
-    def keep_weights(history):
+    def keep_weights(history: pd.DataFrame) -> None:
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
 
     cfg = TrainConfig(
@@ -224,7 +235,9 @@ def test_early_stopping_fires_and_restores_best_weights(tiny_config):
         assert torch.equal(value, snapshots[best][name]), name
 
 
-def test_nan_loss_names_the_step(tiny_config, nan_after):
+def test_nan_loss_names_the_step(
+    tiny_config: GPTConfig, nan_after: Callable[..., torch.nn.Module]
+) -> None:
     model = nan_after(_model(tiny_config), calls=3)  # the 4th training batch turns NaN
     cfg = TrainConfig(num_epochs=1, eval_freq=100)
     with pytest.raises(FloatingPointError, match=r"at step 3 \(epoch 1, batch 4\)"):
@@ -243,13 +256,14 @@ def test_nan_loss_names_the_step(tiny_config, nan_after):
         ("checkpoint_every", 3),
     ],
 )
-def test_train_config_rejects_bad_values(field, value):
+def test_train_config_rejects_bad_values(field: str, value: Any) -> None:
+    cls: type[RunOptions] | type[TrainConfig]
     cls = RunOptions if field == "checkpoint_every" else TrainConfig  # a run option now
     with pytest.raises(ValueError, match=field):
         cls(**{field: value})
 
 
-def test_train_config_defaults_are_the_chapters():
+def test_train_config_defaults_are_the_chapters() -> None:
     cfg = TrainConfig()
     assert (cfg.lr, cfg.weight_decay, cfg.num_epochs, cfg.eval_freq, cfg.eval_iter, cfg.seed) == (
         5e-5,
@@ -262,7 +276,7 @@ def test_train_config_defaults_are_the_chapters():
     assert TrainConfig.from_dict({"lr": 1e-4, "unknown": 1}).lr == 1e-4
 
 
-def test_lr_schedule_warmup_then_cosine():
+def test_lr_schedule_warmup_then_cosine() -> None:
     cfg = TrainConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.1)
     factors = [lr_factor(s, 20, cfg) for s in range(21)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]

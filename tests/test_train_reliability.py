@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 import helpers.run.checkpoints as checkpoints
+from helpers.config import GPTConfig
 from helpers.model import GPTModel
 from helpers.run.checkpoints import (
     Checkpoint,
@@ -25,7 +29,9 @@ from helpers.run.train_extensions import TrainingInterrupted
 from helpers.train import train
 
 
-def _loader(shift: int = 1, *, n: int = 16, seed: int = 0, shuffle: bool = True) -> DataLoader:
+def _loader(
+    shift: int = 1, *, n: int = 16, seed: int = 0, shuffle: bool = True
+) -> DataLoader[tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(seed)
     inputs = torch.randint(0, 50, (n, 8), generator=g)
     return DataLoader(
@@ -36,27 +42,27 @@ def _loader(shift: int = 1, *, n: int = 16, seed: int = 0, shuffle: bool = True)
     )
 
 
-def _model(cfg, seed: int = 1) -> GPTModel:
+def _model(cfg: GPTConfig, seed: int = 1) -> GPTModel:
     torch.manual_seed(seed)
     return GPTModel(cfg)
 
 
 @pytest.fixture()
-def small_config(tiny_config):
+def small_config(tiny_config: GPTConfig) -> GPTConfig:
     """Even smaller than tiny_config: these tests are about control flow, not learning."""
     from dataclasses import replace
 
     return replace(tiny_config, context_length=16, emb_dim=16, n_heads=2, n_layers=1)
 
 
-def _opts(tmp_path, **kw) -> RunOptions:
+def _opts(tmp_path: Path, **kw: Any) -> RunOptions:
     return RunOptions(progress=False, log_evals=False, checkpoint_dir=str(tmp_path / "ckpt"), **kw)
 
 
 CFG = TrainConfig(num_epochs=1, lr=1e-3, eval_freq=2, eval_iter=1)
 
 
-class _SignalAtBatch(Sampler):
+class _SignalAtBatch(Sampler[list[int]]):
     """Batches of 4 in order; sends `signum` to this process when batch `at` is drawn."""
 
     def __init__(self, n: int, signum: int, at: int) -> None:
@@ -65,20 +71,23 @@ class _SignalAtBatch(Sampler):
     def __len__(self) -> int:
         return self.n // 4
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         for b in range(len(self)):
             if b == self.at:
                 os.kill(os.getpid(), self.signum)  # a Ctrl-C or `kill` in the middle of a run
             yield list(range(4 * b, 4 * b + 4))
 
 
-def _signalling_loader(signum: int, at: int) -> DataLoader:
+def _signalling_loader(signum: int, at: int) -> DataLoader[tuple[torch.Tensor, ...]]:
     dataset = _loader().dataset
+    assert isinstance(dataset, TensorDataset)
     return DataLoader(dataset, batch_sampler=_SignalAtBatch(len(dataset), signum, at))
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
-def test_signals_save_a_checkpoint_and_restore_handlers(small_config, tmp_path, signame):
+def test_signals_save_a_checkpoint_and_restore_handlers(
+    small_config: GPTConfig, tmp_path: Path, signame: str
+) -> None:
     signum = getattr(signal, signame)
     before = signal.getsignal(signum)
     loader = _signalling_loader(signum, at=2)  # while drawing step 3's batch
@@ -90,7 +99,9 @@ def test_signals_save_a_checkpoint_and_restore_handlers(small_config, tmp_path, 
     assert signal.getsignal(signum) is before
 
 
-def test_interrupt_before_the_first_step_saves_nothing(small_config, tmp_path):
+def test_interrupt_before_the_first_step_saves_nothing(
+    small_config: GPTConfig, tmp_path: Path
+) -> None:
     loader = _signalling_loader(signal.SIGTERM, at=0)
     with pytest.raises(TrainingInterrupted) as err:
         train(_model(small_config), loader, _loader(), config=CFG, options=_opts(tmp_path))
@@ -98,7 +109,9 @@ def test_interrupt_before_the_first_step_saves_nothing(small_config, tmp_path):
     assert not (tmp_path / "ckpt" / "checkpoint.pt").exists()
 
 
-def test_stale_temp_files_of_dead_writers_are_removed(small_config, tmp_path):
+def test_stale_temp_files_of_dead_writers_are_removed(
+    small_config: GPTConfig, tmp_path: Path
+) -> None:
     folder = tmp_path / "ckpt"
     folder.mkdir()
     stale = folder / ".checkpoint.pt.x1y2.tmp"
@@ -111,8 +124,13 @@ def test_stale_temp_files_of_dead_writers_are_removed(small_config, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "notes.txt"]
 
 
-def test_a_full_disk_is_named_and_training_finishes(small_config, tmp_path, monkeypatch, capsys):
-    def full_disk(obj, path):
+def test_a_full_disk_is_named_and_training_finishes(
+    small_config: GPTConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def full_disk(obj: object, path: str) -> None:
         with open(path, "wb") as f:
             f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
@@ -129,7 +147,27 @@ def test_a_full_disk_is_named_and_training_finishes(small_config, tmp_path, monk
     assert len(history) == 2  # training was not lost to the failed save
 
 
-def test_nan_weights_are_never_checkpointed(small_config, tmp_path):
+def test_an_unusable_checkpoint_folder_stops_before_training(
+    small_config: GPTConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import helpers.runtime
+    from helpers.runtime import OutputDirError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    model = _model(small_config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    options = RunOptions(progress=False, checkpoint_dir=str(blocker / "ckpt"))
+    with pytest.raises(OutputDirError, match="not writable"):
+        train(model, _loader(), _loader(), config=CFG, options=options)
+    usage = helpers.runtime.shutil.disk_usage(tmp_path)._replace(free=1024)
+    monkeypatch.setattr(helpers.runtime.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(OutputDirError, match="MiB free"):
+        train(model, _loader(), _loader(), config=CFG, options=_opts(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untrained
+
+
+def test_nan_weights_are_never_checkpointed(small_config: GPTConfig, tmp_path: Path) -> None:
     model = _model(small_config)
     state = Checkpoint(model.state_dict(), {}, {}, TrainState(step=1), CFG, 4, "")
     with torch.no_grad():
@@ -139,7 +177,11 @@ def test_nan_weights_are_never_checkpointed(small_config, tmp_path):
     assert not (tmp_path / "c.pt").exists()
 
 
-def test_a_nan_step_stops_before_its_checkpoint(small_config, tmp_path, nan_after):
+def test_a_nan_step_stops_before_its_checkpoint(
+    small_config: GPTConfig,
+    tmp_path: Path,
+    nan_after: Callable[..., torch.nn.Module],
+) -> None:
     model = nan_after(_model(small_config), calls=2)  # the 3rd training batch turns NaN
     cfg = TrainConfig(num_epochs=1, eval_freq=100)
     with pytest.raises(
@@ -151,44 +193,71 @@ def test_a_nan_step_stops_before_its_checkpoint(small_config, tmp_path, nan_afte
     assert all(torch.isfinite(t).all() for t in saved.model.values())
 
 
-def test_non_finite_validation_loss_is_an_error(small_config):
+def test_non_finite_validation_loss_is_an_error(small_config: GPTConfig) -> None:
     class NaNInEval(torch.nn.Module):
-        def __init__(self, inner):
+        def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, x):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             logits = self.inner(x)
             return logits if self.training else logits * float("inf")
 
     with pytest.raises(
         FloatingPointError, match="validation loss is nan at the evaluation of step 0"
     ):
-        train(NaNInEval(_model(small_config)), _loader(), _loader(), config=CFG,
-              options=RunOptions(progress=False, log_evals=False))  # fmt: skip
+        train(
+            NaNInEval(_model(small_config)),
+            _loader(),
+            _loader(),
+            config=CFG,
+            options=RunOptions(progress=False, log_evals=False),
+        )
 
 
-def test_resume_refuses_changed_hyper_parameters_and_data(small_config, tmp_path):
+def test_resume_refuses_changed_hyper_parameters_and_data(
+    small_config: GPTConfig, tmp_path: Path
+) -> None:
     opts = _opts(tmp_path)
     train(_model(small_config), _loader(), _loader(), config=CFG, options=opts)
     changed = TrainConfig(num_epochs=1, lr=0.05, eval_freq=2, eval_iter=1, weight_decay=0.0)
     with pytest.raises(
         CheckpointError, match=r"changed: lr 0.05 \(checkpoint: 0.001\); weight_decay"
     ):
-        train(_model(small_config), _loader(), _loader(), config=changed, options=opts,
-              resume_from=opts.checkpoint_dir)  # fmt: skip
+        train(
+            _model(small_config),
+            _loader(),
+            _loader(),
+            config=changed,
+            options=opts,
+            resume_from=opts.checkpoint_dir,
+        )
     other_data = _loader(seed=3)  # same size, other examples
     with pytest.raises(CheckpointError, match="data differ"):
-        train(_model(small_config), other_data, _loader(), config=CFG, options=opts,
-              resume_from=opts.checkpoint_dir)  # fmt: skip
+        train(
+            _model(small_config),
+            other_data,
+            _loader(),
+            config=CFG,
+            options=opts,
+            resume_from=opts.checkpoint_dir,
+        )
     # More epochs is the one change allowed: it continues the run.
     more = TrainConfig(num_epochs=2, lr=1e-3, eval_freq=2, eval_iter=1)
-    history = train(_model(small_config), _loader(), _loader(), config=more, options=opts,
-                    resume_from=opts.checkpoint_dir)  # fmt: skip
+    history = train(
+        _model(small_config),
+        _loader(),
+        _loader(),
+        config=more,
+        options=opts,
+        resume_from=opts.checkpoint_dir,
+    )
     assert history["step"].tolist() == [0, 2, 4, 6]
 
 
-def test_resume_into_a_different_model_size_is_one_clear_line(small_config, tmp_path):
+def test_resume_into_a_different_model_size_is_one_clear_line(
+    small_config: GPTConfig, tmp_path: Path
+) -> None:
     from dataclasses import replace
 
     opts = _opts(tmp_path)
@@ -198,14 +267,22 @@ def test_resume_into_a_different_model_size_is_one_clear_line(small_config, tmp_
     with pytest.raises(
         CheckpointError, match="weights do not fit the model.*different model size"
     ) as err:
-        train(_model(small_config), _loader(), _loader(), config=CFG, options=opts,
-              resume_from=opts.checkpoint_dir)  # fmt: skip
+        train(
+            _model(small_config),
+            _loader(),
+            _loader(),
+            config=CFG,
+            options=opts,
+            resume_from=opts.checkpoint_dir,
+        )
     assert "\n" not in str(err.value)
 
 
-def test_malformed_and_old_checkpoints_are_one_clear_line(tmp_path):
-    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "state": {"step": "x"}},
-               tmp_path / "bad.pt")  # fmt: skip
+def test_malformed_and_old_checkpoints_are_one_clear_line(tmp_path: Path) -> None:
+    torch.save(
+        {"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "state": {"step": "x"}},
+        tmp_path / "bad.pt",
+    )
     with pytest.raises(CheckpointError, match="malformed metadata"):
         load_checkpoint(tmp_path / "bad.pt")
     torch.save({"format": "course-train-checkpoint/1", "model": {}}, tmp_path / "old.pt")
@@ -213,7 +290,7 @@ def test_malformed_and_old_checkpoints_are_one_clear_line(tmp_path):
         load_checkpoint(tmp_path / "old.pt")
 
 
-def test_data_fingerprint_sees_content_not_just_size():
+def test_data_fingerprint_sees_content_not_just_size() -> None:
     a, b = _loader(seed=0).dataset, _loader(seed=1).dataset
     assert data_fingerprint([a]) == data_fingerprint([_loader(seed=0).dataset])
     assert data_fingerprint([a]) != data_fingerprint([b])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers.config import get_config
+from helpers.config import GPTConfig, get_config
 from helpers.model import GPTModel
 from helpers.weights import (
     CheckpointMismatchError,
@@ -28,7 +29,7 @@ from helpers.weights import (
 transformers = pytest.importorskip("transformers")
 
 
-def make_hf_model(path: Path, vocab_size: int = 50257):
+def make_hf_model(path: Path, vocab_size: int = 50257) -> Any:
     """A small random transformers GPT-2 saved with save_pretrained (no download)."""
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
@@ -40,13 +41,13 @@ def make_hf_model(path: Path, vocab_size: int = 50257):
 
 
 @pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
+def hf_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, GPTModel, Path]:
     path = tmp_path_factory.mktemp("hf_gpt2")
     hf = make_hf_model(path)
     return hf, load_hf_gpt2(path), path
 
 
-def test_hf_conversion_gives_equal_logits(hf_pair):
+def test_hf_conversion_gives_equal_logits(hf_pair: tuple[Any, GPTModel, Path]) -> None:
     hf, model, _ = hf_pair
     ids = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_hf_conversion_gives_equal_logits(hf_pair):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_hf_conversion_maps_every_tensor(hf_pair):
+def test_hf_conversion_maps_every_tensor(hf_pair: tuple[Any, GPTModel, Path]) -> None:
     hf, model, _ = hf_pair
     assert model.cfg == get_config(
         "tiny", context_length=128, emb_dim=32, n_heads=2, n_layers=2, vocab_size=50257
@@ -70,7 +71,7 @@ def test_hf_conversion_maps_every_tensor(hf_pair):
     assert model.lm_head.weight is model.wte.weight
 
 
-def test_to_hf_state_dict_round_trips(hf_pair):
+def test_to_hf_state_dict_round_trips(hf_pair: tuple[Any, GPTModel, Path]) -> None:
     hf, model, _ = hf_pair
     exported = to_hf_state_dict(model)
     # Back through convert_hf_state_dict: every tensor exactly as it was.
@@ -89,7 +90,7 @@ def test_to_hf_state_dict_round_trips(hf_pair):
         torch.testing.assert_close(fresh(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_greedy_generation_equals_transformers(hf_pair):
+def test_greedy_generation_equals_transformers(hf_pair: tuple[Any, GPTModel, Path]) -> None:
     from helpers.generate import generate
 
     hf, model, _ = hf_pair
@@ -106,7 +107,9 @@ def test_greedy_generation_equals_transformers(hf_pair):
     assert torch.equal(got, expected)
 
 
-def test_load_from_bare_safetensors_file(hf_pair, tmp_path):
+def test_load_from_bare_safetensors_file(
+    hf_pair: tuple[Any, GPTModel, Path], tmp_path: Path
+) -> None:
     _, model, path = hf_pair
     # With config.json beside it, the file alone is enough.
     again = load_hf_gpt2(path / "model.safetensors")
@@ -120,7 +123,7 @@ def test_load_from_bare_safetensors_file(hf_pair, tmp_path):
     assert torch.equal(explicit(ids), model(ids))
 
 
-def test_openai_layout_without_prefix_and_mask_buffers():
+def test_openai_layout_without_prefix_and_mask_buffers() -> None:
     # OpenAI's files on the Hub: no "transformer." prefix, attn.bias mask buffers inside.
     hf_state = {
         "wte.weight": torch.zeros(10, 4),
@@ -134,7 +137,7 @@ def test_openai_layout_without_prefix_and_mask_buffers():
     assert out["h.0.attn.c_attn.weight"].shape == (12, 4)
 
 
-def test_every_tensor_shape_is_checked(hf_pair, tmp_path):
+def test_every_tensor_shape_is_checked(hf_pair: tuple[Any, GPTModel, Path], tmp_path: Path) -> None:
     _, _, path = hf_pair
     state = load_file(str(path / "model.safetensors"))
     state["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(100)
@@ -144,7 +147,7 @@ def test_every_tensor_shape_is_checked(hf_pair, tmp_path):
         load_hf_gpt2(tmp_path)
 
 
-def test_save_load_roundtrip(tiny_config, tmp_path):
+def test_save_load_roundtrip(tiny_config: GPTConfig, tmp_path: Path) -> None:
     torch.manual_seed(3)
     model = GPTModel(tiny_config)
     path = save_model(model, tmp_path / "ckpt" / "model.safetensors", metadata={"epoch": 2})
@@ -159,7 +162,7 @@ def test_save_load_roundtrip(tiny_config, tmp_path):
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
 
-def test_mismatch_errors_name_key_and_shapes(tiny_config):
+def test_mismatch_errors_name_key_and_shapes(tiny_config: GPTConfig) -> None:
     model = GPTModel(tiny_config)
     state = dict(model.state_dict())
     state["h.0.attn.c_attn.weight"] = torch.zeros(3 * 32, 16)
@@ -176,7 +179,7 @@ def test_mismatch_errors_name_key_and_shapes(tiny_config):
         load_state_checked(model, state)
 
 
-def test_untied_head_is_refused(tiny_config):
+def test_untied_head_is_refused(tiny_config: GPTConfig) -> None:
     model = GPTModel(tiny_config)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["lm_head.weight"] += 1.0  # the chapter's separate out_head copy
@@ -184,13 +187,13 @@ def test_untied_head_is_refused(tiny_config):
         load_state_checked(model, state)
 
 
-def test_load_model_rejects_file_without_config(tmp_path):
+def test_load_model_rejects_file_without_config(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="other.safetensors has no model config"):
         load_model(tmp_path / "other.safetensors")
 
 
-def test_build_model_tiny_is_seeded_and_labelled():
+def test_build_model_tiny_is_seeded_and_labelled() -> None:
     torch.manual_seed(7)
     before = torch.rand(1)
     torch.manual_seed(7)
@@ -203,12 +206,14 @@ def test_build_model_tiny_is_seeded_and_labelled():
         assert torch.equal(b.state_dict()[key], tensor), key
 
 
-def test_build_model_unknown_name_lists_presets():
+def test_build_model_unknown_name_lists_presets() -> None:
     with pytest.raises(ValueError, match="valid names.*gpt2-medium"):
         build_model("gpt5")
 
 
-def test_load_pretrained_offline_explains_how_to_work_offline(monkeypatch, tmp_path):
+def test_load_pretrained_offline_explains_how_to_work_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -225,12 +230,14 @@ def test_load_pretrained_offline_explains_how_to_work_offline(monkeypatch, tmp_p
         build_model("gpt2-medium")  # same path, no download attempted offline
 
 
-def test_load_pretrained_rejects_tiny():
+def test_load_pretrained_rejects_tiny() -> None:
     with pytest.raises(ValueError, match="no pretrained weights"):
         load_pretrained("tiny")
 
 
-def test_untied_config_loads_openai_files_without_lm_head(hf_pair):
+def test_untied_config_loads_openai_files_without_lm_head(
+    hf_pair: tuple[Any, GPTModel, Path],
+) -> None:
     # OpenAI's and transformers' GPT-2 files store the head once, as wte: an untied config
     # (the chapter's separate out_head) loads them tied, then unties the head.
     _, model, path = hf_pair
@@ -242,7 +249,7 @@ def test_untied_config_loads_openai_files_without_lm_head(hf_pair):
         assert torch.equal(untied(ids), model(ids))
 
 
-def test_hf_config_tie_word_embeddings_false_loads_the_separate_head(tmp_path):
+def test_hf_config_tie_word_embeddings_false_loads_the_separate_head(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
         n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=300, tie_word_embeddings=False
@@ -257,7 +264,9 @@ def test_hf_config_tie_word_embeddings_false_loads_the_separate_head(tmp_path):
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_load_pretrained_and_build_model_untie_for_chapter_compat(hf_pair, monkeypatch):
+def test_load_pretrained_and_build_model_untie_for_chapter_compat(
+    hf_pair: tuple[Any, GPTModel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub
 
     import helpers.weights as weights
@@ -276,13 +285,13 @@ def test_load_pretrained_and_build_model_untie_for_chapter_compat(hf_pair, monke
     assert build_model("gpt2-small")[0].tied
 
 
-def test_build_model_tiny_chapter_compat_is_untied():
+def test_build_model_tiny_chapter_compat_is_untied() -> None:
     model, desc = build_model("tiny", chapter_compat=True)
     assert desc == "random init" and not model.tied and model.cfg.tie_embeddings is False
     assert build_model("tiny")[0].tied
 
 
-def test_save_model_stores_the_real_tie_state(tiny_config, tmp_path):
+def test_save_model_stores_the_real_tie_state(tiny_config: GPTConfig, tmp_path: Path) -> None:
     torch.manual_seed(3)
     model = GPTModel(tiny_config)
     # Untied by hand, not through untie_output_head: model.cfg still says tied.

@@ -12,12 +12,38 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from helpers.config import resolve_model_name
-from helpers.runtime import course_model, describe_model, finetuned_path, get_device, model_slug
+from helpers.dpo.train import BOOK_DPO_DEFAULTS, TINY_DPO_DEFAULTS, DPOConfig, dpo_run_defaults
+from helpers.prompts import PROMPT_STYLES
+from helpers.run.fields import (
+    add_dataclass_flags,
+    boolean,
+    flag_values,
+    one_of,
+    optional,
+    positive_int,
+    setting,
+    setting_like,
+    text,
+    validate,
+)
+
+if TYPE_CHECKING:  # imported when needed: `--help` stays fast
+    from helpers.batching import Loaders
+    from helpers.model import GPTModel
+    from helpers.run.train_config import RunOptions
+from helpers.runtime import (
+    course_model,
+    describe_model,
+    device_problem,
+    finetuned_path,
+    get_device,
+    model_slug,
+)
 
 
 class UsageError(Exception):
@@ -29,107 +55,85 @@ def dpo_run_dir(name: str) -> Path:
     return finetuned_path(name).parent.with_name(f"{model_slug(name)}-dpo")
 
 
-def _number(kind: type, minimum: float = 0.0, inclusive: bool = False) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value < minimum or (value == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(
-                f"must be {'>=' if inclusive else '>'} {minimum}, got {text}"
-            )
-        return value
+@dataclass(frozen=True, kw_only=True)
+class DPOSettings:
+    """One run of `python -m helpers.dpo`, validated; each field is a flag (--field-name).
 
-    return parse
+    Fields left None take `dpo_run_defaults(model)` (the book's or tiny's) once the model is
+    known (`with_run_defaults`). The hyper-parameters share DPOConfig's help, check and
+    default (`setting_like`), so each is stated once.
+    """
+
+    model: str | None = setting(
+        None, "preset (default: the checkpoint's base model, else $COURSE_MODEL)", optional(text)
+    )
+    sft_checkpoint: str | None = setting(
+        None,
+        "instruction-tuned model (default: runs/<model>-sft/<model>-sft.safetensors)",
+        optional(text),
+    )
+    data: str | None = setting(
+        None,
+        "preference pairs JSON/JSONL (default: $COURSE_PREFERENCES or the book's download)",
+        optional(text),
+    )
+    output_dir: str | None = setting(
+        None, "default: runs/<model>-dpo in the repository", optional(text)
+    )
+    resume: bool = setting(False, "continue from the checkpoint in --output-dir", boolean)
+    limit: int | None = setting(None, "use the first N pairs", optional(positive_int), none="all")
+    style: str = setting(
+        "alpaca", "prompt style", one_of(*PROMPT_STYLES), choices=tuple(PROMPT_STYLES)
+    )
+    epochs: int = setting_like(DPOConfig, "num_epochs")
+    lr: float | None = setting_like(DPOConfig, "lr", None)
+    weight_decay: float = setting_like(DPOConfig, "weight_decay")
+    beta: float = setting_like(DPOConfig, "beta")
+    batch_size: int | None = setting(None, "pairs per batch", optional(positive_int))
+    max_length: int | None = setting(None, "cut sequences to N tokens", optional(positive_int))
+    eval_freq: int | None = setting_like(DPOConfig, "eval_freq", None)
+    eval_iter: int | None = setting_like(DPOConfig, "eval_iter", None)
+    max_steps: int | None = setting(
+        None, "stop after N steps in all (resumable)", optional(positive_int)
+    )
+    checkpoint_every: int | None = setting(
+        None, "also checkpoint every N steps", optional(positive_int)
+    )
+    max_new_tokens: int | None = setting(None, "answer length", optional(positive_int))
+    response_limit: int | None = setting(
+        None, "answer only the first N validation prompts", optional(positive_int)
+    )
+    device: str | None = setting(
+        None, "cpu, cuda, cuda:N, mps (default: best available)", device_problem
+    )
+    seed: int = setting_like(DPOConfig, "seed")
+    quiet: bool = setting(False, "no progress bars", boolean)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def with_run_defaults(self, name: str) -> DPOSettings:
+        """A copy whose fields left None take `dpo_run_defaults(name)`."""
+        defaults = asdict(dpo_run_defaults(name))
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line options; left out, they take `dpo_run_defaults(model)` (book or tiny)."""
-    pos_int, pos_float = _number(int), _number(float)
-    p = argparse.ArgumentParser(
+    """The command-line options, generated from DPOSettings; left out, they are its defaults."""
+    parser = argparse.ArgumentParser(
         prog="python -m helpers.dpo",
         description="Preference-tune an instruction fine-tuned GPT-2 with DPO and write the "
         "history, plot, validation answers and the tuned model into --output-dir.",
     )
-    add = p.add_argument
-    add(
-        "--model",
-        default=None,
-        help="preset (default: the checkpoint's base model, else $COURSE_MODEL)",
-    )
-    add(
-        "--sft-checkpoint",
-        default=None,
-        help="instruction-tuned model (default: runs/<model>-sft/<model>-sft.safetensors)",
-    )
-    add(
-        "--data",
-        default=None,
-        help="preference pairs JSON/JSONL (default: $COURSE_PREFERENCES or the book's download)",
-    )
-    add("--output-dir", default=None, help="default: runs/<model>-dpo in the repository")
-    add("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
-    add(
-        "--limit",
-        type=pos_int,
-        default=None,
-        help="use the first N pairs (default: all; tiny: 60)",
-    )
-    add("--style", default="alpaca", choices=["alpaca", "phi3"], help="prompt style")
-    add("--epochs", type=pos_int, default=1, help="training epochs (default: 1)")
-    add(
-        "--lr", type=pos_float, default=None, help="AdamW learning rate (default: 5e-6; tiny: 1e-3)"
-    )
-    add(
-        "--weight-decay",
-        type=_number(float, 0.0, True),
-        default=0.01,
-        help="AdamW weight decay (default: 0.01)",
-    )
-    add(
-        "--beta",
-        type=pos_float,
-        default=0.1,
-        help="DPO beta: how far from the reference (default: 0.1)",
-    )
-    add("--batch-size", type=pos_int, default=None, help="pairs per batch (default: 8; tiny: 4)")
-    add(
-        "--max-length",
-        type=pos_int,
-        default=None,
-        help="cut sequences to N tokens (default: 1024; tiny: 128)",
-    )
-    add(
-        "--eval-freq",
-        type=pos_int,
-        default=None,
-        help="evaluate every N steps (default: 5; tiny: 4)",
-    )
-    add(
-        "--eval-iter",
-        type=pos_int,
-        default=None,
-        help="batches per evaluation (default: 5; tiny: 2)",
-    )
-    add("--max-steps", type=pos_int, default=None, help="stop after N steps in all (resumable)")
-    add("--checkpoint-every", type=pos_int, default=None, help="also checkpoint every N steps")
-    add(
-        "--max-new-tokens",
-        type=pos_int,
-        default=None,
-        help="answer length (default: 256; tiny: 32)",
-    )
-    add(
-        "--response-limit",
-        type=pos_int,
-        default=None,
-        help="answer only the first N validation prompts",
-    )
-    add("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    add("--seed", type=int, default=123, help="shuffling seed (default: 123)")
-    add("--quiet", action="store_true", help="no progress bars")
-    return p
+    presets = {"default": BOOK_DPO_DEFAULTS, "tiny": TINY_DPO_DEFAULTS}
+    title = "DPO run (DPOSettings; model-dependent defaults: the book's, or tiny's)"
+    add_dataclass_flags(parser, DPOSettings, title, presets=presets, field_defaults=True)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> DPOSettings:
+    """The parsed flags as validated DPOSettings (run defaults not yet applied)."""
+    return DPOSettings(**flag_values(args, DPOSettings))
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, Path]:
@@ -171,18 +175,75 @@ def _splits(args: argparse.Namespace) -> Any:
     return splits
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train with parsed `args`; returns the summary it also writes to summary.json."""
-    from helpers.dpo.checkpoints import dpo_checkpoint_path
-    from helpers.dpo.loss import freeze_reference, make_preference_loaders
-    from helpers.dpo.outputs import (
-        final_metrics,
-        save_dpo_model,
-        write_history,
-        write_responses,
-        write_summary,
+def _settings(args: argparse.Namespace, checkpoint_dir: Path) -> tuple[DPOConfig, RunOptions]:
+    """The run's DPOConfig (hyper-parameters) and RunOptions (checkpoints, progress)."""
+    from helpers.run.cli import DEFAULT_CHECKPOINT_MINUTES
+    from helpers.run.train_config import RunOptions
+
+    config = DPOConfig(
+        num_epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        beta=args.beta,
+        eval_freq=args.eval_freq,
+        eval_iter=args.eval_iter,
+        seed=args.seed,
     )
-    from helpers.dpo.train import DPOConfig, dpo_run_defaults, train_dpo
+    options = RunOptions(
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=DEFAULT_CHECKPOINT_MINUTES,  # a killed run loses at most this much
+        max_steps=args.max_steps,
+        progress=not args.quiet,
+    )
+    return config, options
+
+
+def _loaders(args: argparse.Namespace, splits: Any, policy: GPTModel, device: Any) -> Loaders:
+    from helpers.dpo.loss import make_preference_loaders
+
+    return make_preference_loaders(
+        splits,
+        batch_size=args.batch_size,
+        style=args.style,
+        allowed_max_length=min(args.max_length, policy.cfg.context_length),
+        device=device,
+        seed=args.seed,
+    )
+
+
+def _write_outputs(
+    args: argparse.Namespace,
+    out: Path,
+    models: tuple[GPTModel, GPTModel],
+    entries: list[dict[str, str]],
+    meta: dict[str, Any],
+) -> list[Path]:
+    """`entries`' answers by the reference and the DPO model, and that model; the files."""
+    from helpers.dpo.outputs import save_dpo_model, write_responses
+    from helpers.generate import GenerationSettings
+
+    reference, policy = models
+    gen = GenerationSettings(
+        style=args.style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+    )
+    responses = write_responses(
+        out, reference, policy, entries, metadata=meta, settings=gen, progress=not args.quiet
+    )
+    sft = Path(meta["sft_checkpoint"])
+    model = save_dpo_model(
+        policy, out, name=meta["model"], sft=sft, style=args.style, beta=args.beta
+    )
+    return [responses, model]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with parsed `args`; returns the summary it also writes to summary.json."""
+    from helpers.dpo.loss import freeze_reference
+    from helpers.dpo.outputs import final_metrics, write_history, write_summary
+    from helpers.dpo.train import train_dpo  # looked up now: tests replace it
+    from helpers.run.checkpoints import checkpoint_bytes, checkpoint_path, weights_bytes
+    from helpers.runtime import check_output_dir
     from helpers.weights import load_model
 
     start = time.perf_counter()
@@ -191,47 +252,40 @@ def run(args: argparse.Namespace) -> dict:
         if getattr(args, key) is None:  # options left out take the model's run defaults
             setattr(args, key, value)
     out = Path(args.output_dir) if args.output_dir else dpo_run_dir(name)
-    ckpt_dir = out / "checkpoints"
-    if args.resume and not dpo_checkpoint_path(ckpt_dir).is_file():
-        raise UsageError(f"--resume: no DPO checkpoint in {ckpt_dir}")
+    if args.resume and not checkpoint_path(out / "checkpoints").is_file():
+        raise UsageError(f"--resume: no DPO checkpoint in {out / 'checkpoints'}")
+    check_output_dir(out)  # writable? (before any work)
     splits = _splits(args)
     device = get_device(args.device)
     policy = load_model(sft, device=device)
     reference = freeze_reference(policy)
+    # Fail now, not after training: the folder must take the model and a checkpoint.
+    check_output_dir(out, weights_bytes(policy) + checkpoint_bytes(policy))  # OutputDirError
     label = describe_model(name, f"instruction-tuned {sft.name}, then DPO")
     print(f"Model: {label} on {device}")
     print(f"Pairs: {len(splits.train)} train, {len(splits.validation)} validation")
-    loaders = make_preference_loaders(
-        splits,
-        batch_size=args.batch_size,
-        style=args.style,
-        allowed_max_length=min(args.max_length, policy.cfg.context_length),
+    loaders = _loaders(args, splits, policy, device)
+    config, options = _settings(args, out / "checkpoints")
+    history = train_dpo(
+        policy,
+        reference,
+        loaders.train,
+        loaders.validation,
+        config=config,
+        options=options,
         device=device,
-        seed=args.seed,
+        resume_from=options.checkpoint_dir if args.resume else None,
     )
-    config = DPOConfig(
-        num_epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, beta=args.beta,
-        eval_freq=args.eval_freq, eval_iter=args.eval_iter, seed=args.seed,
-        max_steps=args.max_steps, checkpoint_dir=str(ckpt_dir),
-        checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-    )  # fmt: skip
-    history = train_dpo(policy, reference, loaders.train, loaders.validation, config=config,
-                        device=device, resume_from=ckpt_dir if args.resume else None)  # fmt: skip
-
-    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": name, "description": label, "sft_checkpoint": str(sft), "beta": args.beta}
+    meta.update(max_new_tokens=args.max_new_tokens, decoding="greedy")
     files = write_history(history, out, title=label)
-    meta = {"model": name, "description": label, "sft_checkpoint": str(sft), "beta": args.beta,
-            "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}  # fmt: skip
     entries = splits.validation[: args.response_limit]
-    gen = dict(style=args.style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-               progress=not args.quiet)  # fmt: skip
-    files.append(write_responses(out, reference, policy, entries, metadata=meta, **gen))
-    files.append(save_dpo_model(policy, out, name=name, sft=sft, style=args.style, beta=args.beta))
+    files += _write_outputs(args, out, (reference, policy), entries, meta)
     summary = {
         "model": label,
         "device": str(device),
         "entries": {"train": len(splits.train), "validation": len(splits.validation)},
-        "steps": int(history.attrs.get("steps", 0)),
+        "steps": int(history.attrs["steps"]),
         "final": final_metrics(history),
         "total_minutes": round((time.perf_counter() - start) / 60, 3),
         "settings": {k: v for k, v in vars(args).items() if k != "quiet"},
@@ -242,9 +296,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 on success, 2 with one `error:` line for expected problems, 130 on Ctrl-C."""
+    """Entry point: 0 on success, 2 with one `error:` line for expected problems, 128 + the
+    signal's number after Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
     from helpers.data import DatasetError, DownloadError
-    from helpers.dpo.checkpoints import DPOCheckpointError
+    from helpers.run.checkpoints import CheckpointError
+    from helpers.run.train_extensions import interrupted_report
+    from helpers.runtime import OutputDirError
     from helpers.weights import CheckpointMismatchError
 
     parser = build_parser()
@@ -260,16 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         UsageError,
         DatasetError,
         DownloadError,
-        DPOCheckpointError,
+        CheckpointError,
         CheckpointMismatchError,
+        OutputDirError,
+        FloatingPointError,
     ) as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "\nInterrupted; rerun with --resume to continue from the saved checkpoint.",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: saved, if there was a step
+        message, code = interrupted_report(exc)
+        print(f"\n{message}", file=sys.stderr)
+        return code
     return 0

@@ -10,17 +10,33 @@ rewriter (tests, tiny mode) whose pairs are labelled as synthetic. `main` is the
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from helpers.data import DatasetError, DownloadError, load_instruction_data, validate_entries
 from helpers.dpo.preferences import save_preferences
 from helpers.prompts import format_input
+from helpers.run.fields import (
+    add_dataclass_flags,
+    boolean,
+    flag_values,
+    integer,
+    one_of,
+    optional,
+    positive_int,
+    setting,
+    text,
+    validate,
+)
+from helpers.runtime import check_output_file
 
 # The book's prompt (bonus notebook "create-preference-data-ollama"), typo fixed.
 REWRITE_PROMPT = (
@@ -33,6 +49,7 @@ REWRITE_PROMPT = (
 RULE_POLITE_PREFIX = "Certainly! "
 RULE_RUDE_TEMPLATE = "Ugh, obviously: {output} Figure it out yourself next time."
 RULE_BASED = "rule-based (synthetic)"
+APIS = ("ollama", "openai")  # the servers helpers.review.judge.JudgeClient talks to
 
 
 class ChatClient(Protocol):
@@ -99,13 +116,20 @@ def rewrite_key(entry: Mapping[str, str], politeness: str, generator: str) -> st
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
-def read_rewrite_cache(path: str | os.PathLike) -> dict[str, str]:
+def read_rewrite_cache(path: str | os.PathLike[str]) -> dict[str, str]:
     """key -> rewrite from a JSONL cache; lines cut short by an interrupted run are skipped."""
     path = Path(path)
     cache: dict[str, str] = {}
     if not path.is_file():
         return cache
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{path}: not a rewrite cache (not UTF-8 text, bad byte at offset {exc.start}); "
+            "move it away or give another --cache"
+        ) from None
+    for line in text.splitlines():
         try:
             record = json.loads(line)
             cache[str(record["key"])] = str(record["rewrite"])
@@ -128,7 +152,9 @@ def _append_line(path: Path, record: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def make_pair(entry: Mapping[str, str], politeness: str, rewrite: str, generator: str) -> dict:
+def make_pair(
+    entry: Mapping[str, str], politeness: str, rewrite: str, generator: str
+) -> dict[str, Any]:
     """The book's pairing: a polite rewrite is chosen over the original, an impolite one loses."""
     pair = dict(entry)
     if politeness == "polite":
@@ -144,10 +170,10 @@ def generate_preferences(
     entries: Sequence[Mapping[str, str]],
     client: ChatClient | None = None,
     *,
-    cache_path: str | os.PathLike | None = None,
+    cache_path: str | os.PathLike[str] | None = None,
     seed: int = 123,
     progress: bool = True,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Preference pairs for `entries`: LLM rewrites through `client`, or rule-based offline.
 
     With `client=None` the rewrites come from `rule_based_rewrite` and every pair says
@@ -194,47 +220,84 @@ def generate_preferences(
 # --- command line: python -m helpers.dpo.generate_pairs --------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Make pairs from an instruction dataset; 0 on success, 2 with one `error:` line."""
-    import argparse
-    import sys
+@dataclass(frozen=True, kw_only=True)
+class PairSettings:
+    """One run of `python -m helpers.dpo.generate_pairs`, validated; each field is a flag."""
 
-    p = argparse.ArgumentParser(
+    output: str = setting(help="pairs JSON to write", check=text, required=True)
+    data: str | None = setting(None, "instruction data (default: $COURSE_DATASET)", optional(text))
+    limit: int | None = setting(
+        None, "only the first N entries", optional(positive_int), none="all"
+    )
+    offline: bool = setting(False, "rule-based rewrites, no server", boolean)
+    api: str = setting("ollama", "server API", one_of(*APIS), choices=APIS)
+    url: str | None = setting(
+        None, "server URL (default: Ollama's localhost:11434)", optional(text)
+    )
+    llm: str = setting("llama3", "model name on the server", text)
+    cache: str | None = setting(
+        None, "JSONL cache (default: <output>.rewrites.jsonl)", optional(text)
+    )
+    seed: int = setting(123, "polite/impolite choice seed", integer)
+    quiet: bool = setting(False, "no progress bar", boolean)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def cache_path(self) -> Path:
+        """--cache, or the default beside --output."""
+        output = Path(self.output)
+        return Path(self.cache) if self.cache else output.with_name(output.name + ".rewrites.jsonl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options, generated from PairSettings."""
+    parser = argparse.ArgumentParser(
         prog="python -m helpers.dpo.generate_pairs",
         description="Preference pairs from an instruction dataset: each answer rewritten a "
         "little more polite or impolite by an LLM (Ollama or OpenAI-compatible), or by fixed "
         "rules with --offline (synthetic pairs, for tests). Reruns resume from --cache.",
     )
-    p.add_argument("--output", required=True, help="pairs JSON to write")
-    p.add_argument("--data", default=None, help="instruction data (default: $COURSE_DATASET)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N entries")
-    p.add_argument("--offline", action="store_true", help="rule-based rewrites, no server")
-    p.add_argument("--api", choices=["ollama", "openai"], default="ollama", help="server API")
-    p.add_argument("--url", default=None, help="server URL (default: Ollama's localhost:11434)")
-    p.add_argument("--llm", default="llama3", help="model name on the server (default: llama3)")
-    p.add_argument("--cache", default=None, help="JSONL cache (default: <output>.rewrites.jsonl)")
-    p.add_argument("--seed", type=int, default=123, help="polite/impolite choice seed")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    from helpers.review.judge import OLLAMA_URL, JudgeClient, JudgeServerError
+    add_dataclass_flags(parser, PairSettings, "preference pairs (PairSettings)")
+    return parser
 
-    output = Path(args.output)
-    cache = Path(args.cache) if args.cache else output.with_name(output.name + ".rewrites.jsonl")
+
+def make_pairs(settings: PairSettings) -> list[dict[str, Any]]:
+    """Rewrite, pair and save as `settings` say; the pairs (errors as in `main`)."""
+    from helpers.review.judge import OLLAMA_URL, JudgeClient
+
+    output, cache = Path(settings.output), settings.cache_path
+    check_output_file(output, "--output")  # before any (possibly hours of) rewriting
+    check_output_file(cache, "--cache", append=True)
+    entries = load_instruction_data(settings.data)[: settings.limit]
+    client = None
+    if not settings.offline:
+        url = settings.url or OLLAMA_URL
+        client = JudgeClient(url, settings.llm, settings.api, max_tokens=512)
+        client.check()
+    pairs = generate_preferences(
+        entries, client, cache_path=cache, seed=settings.seed, progress=not settings.quiet
+    )
+    save_preferences(pairs, output)
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Make pairs from an instruction dataset; 0 on success, 2 with one `error:` line."""
+    from helpers.review.judge import JudgeServerError
+
+    settings = PairSettings(**flag_values(build_parser().parse_args(argv), PairSettings))
     try:
-        entries = load_instruction_data(args.data)[: args.limit]
-        client = None
-        if not args.offline:
-            client = JudgeClient(args.url or OLLAMA_URL, args.llm, args.api, max_tokens=512)
-            client.check()
-        pairs = generate_preferences(
-            entries, client, cache_path=cache, seed=args.seed, progress=not args.quiet
-        )
-        save_preferences(pairs, output)
-    except (DatasetError, DownloadError, JudgeServerError) as exc:
+        pairs = make_pairs(settings)
+    except (DatasetError, DownloadError, JudgeServerError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     generator = pairs[0]["generator"] if pairs else "none"
-    print(f"{len(pairs)} pairs ({generator}) written to {output}; rewrites cached in {cache}")
+    print(
+        f"{len(pairs)} pairs ({generator}) written to {settings.output}; "
+        f"rewrites cached in {settings.cache_path}"
+    )
     return 0
 
 

@@ -4,8 +4,8 @@ The book's bonus chapter, step by step: each preference pair becomes `prompt + c
 `prompt + rejected` (`collate_pairs`, masks keep the prompt and padding out), a sequence's
 log-probability is the mean log-probability of its answer tokens (`sequence_logprobs`), and
 `compute_dpo_loss` pushes the policy's log-ratio of chosen over rejected above the frozen
-reference model's. `train_dpo` in helpers.dpo.train is the training loop (history, exact
-resume; checkpoint files in helpers.dpo.checkpoints); the command line is
+reference model's. `train_dpo` in helpers.dpo.train trains with it (through the course's
+one training loop, helpers.train.train: history, checkpoints, exact resume); the command line is
 `python -m helpers.dpo` (see helpers.dpo.cli, which writes its files with helpers.dpo.outputs).
 """
 
@@ -50,7 +50,7 @@ def tokenize_pair(
     )
 
 
-class PreferenceDataset(Dataset):
+class PreferenceDataset(Dataset[PairExample]):
     """The book's PreferenceDataset: every pair pre-tokenized once."""
 
     def __init__(
@@ -221,7 +221,7 @@ def dpo_loss_batch(
 
 
 def dpo_loss_loader(
-    loader: DataLoader,
+    loader: DataLoader[Any],
     policy: nn.Module,
     reference: nn.Module,
     beta: float = 0.1,

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from helpers.atomic import atomic_path, atomic_write_text
-from helpers.generate import generate_responses
+from helpers.generate import GenerationSettings, generate_responses
 from helpers.model import GPTModel
 from helpers.plots import save_loss_plot
 from helpers.runtime import REPO_ROOT, model_slug
@@ -63,13 +63,14 @@ def write_responses(
     entries: Sequence[Mapping[str, Any]],
     *,
     metadata: Mapping[str, Any],
-    **gen: Any,
+    settings: GenerationSettings,
+    progress: bool = True,
 ) -> Path:
-    """Answer `entries` with both models (`gen`: generate_responses' options) into one JSON:
-    each entry gains `sft_response` (the reference) and `dpo_response` (the policy)."""
+    """Answer `entries` with both models (`settings`: how) into one JSON: each entry
+    gains `sft_response` (the reference) and `dpo_response` (the policy)."""
     answers = zip(
-        generate_responses(reference, entries, **gen),
-        generate_responses(policy, entries, **gen),
+        generate_responses(reference, entries, settings, progress=progress),
+        generate_responses(policy, entries, settings, progress=progress),
         strict=True,
     )
     responses = [
@@ -105,14 +106,14 @@ def final_metrics(history: pd.DataFrame) -> dict[str, float] | None:
     return {k: float(last[k]) for k in history.columns if "_" in k and k != "tokens_seen"}
 
 
-def write_summary(summary: dict, out: Path) -> Path:
+def write_summary(summary: dict[str, Any], out: Path) -> Path:
     """summary.json in `out`, then the summary printed."""
     path = atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     print_summary(summary, out)
     return path
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict[str, Any], out: Path) -> None:
     """The summary for a person: model, steps, final loss and margin, time and files."""
     print("\n=== DPO summary ===")
     print(f"Model:          {summary['model']}")

@@ -22,6 +22,7 @@ from helpers.data import (
     default_cache_dir,
     download_file,
     load_instruction_data,
+    sha256_of,
     validate_entries,
 )
 
@@ -33,6 +34,10 @@ PREFERENCES_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b
 PREFERENCES_ENV = "COURSE_PREFERENCES"
 PREFERENCES_FILENAME = "instruction-data-with-preference.json"
 PAIR_KEYS = ("chosen", "rejected")
+# Entries of the book's file whose chosen and rejected answers are the same. They are kept when
+# that file is loaded, so its splits, batches and losses stay the book's; any other file with
+# such pairs is refused.
+BOOK_IDENTICAL_PAIRS = (122, 226, 400, 566, 628, 676)
 
 
 class PreferenceDataError(DatasetError):
@@ -47,8 +52,18 @@ class EmptyPreferenceError(PreferenceDataError):
     """An entry's `chosen` or `rejected` answer is empty (or only whitespace)."""
 
 
-def validate_preferences(entries: Sequence, source: str = "<data>") -> list[dict]:
-    """Check the instruction fields and a non-empty string `chosen`/`rejected` in every entry."""
+class IdenticalPreferenceError(PreferenceDataError):
+    """An entry's `chosen` and `rejected` answers are the same: DPO learns nothing from it."""
+
+
+def validate_preferences(
+    entries: Sequence[Any], source: str = "<data>", *, allow_identical: bool = False
+) -> list[dict[str, Any]]:
+    """Check the instruction fields and non-empty, different string `chosen`/`rejected` answers.
+
+    A pair whose two answers are the same (up to surrounding whitespace) is refused unless
+    `allow_identical`: its DPO loss is log 2 with zero gradient, whatever the model.
+    """
     entries = validate_entries(entries, source)
     for index, entry in enumerate(entries):
         for key in PAIR_KEYS:
@@ -65,12 +80,17 @@ def validate_preferences(entries: Sequence, source: str = "<data>") -> list[dict
                 )
             if not value.strip():
                 raise EmptyPreferenceError(f"{source}: entry {index}, field {key!r} is empty")
+        if not allow_identical and entry["chosen"].strip() == entry["rejected"].strip():
+            raise IdenticalPreferenceError(
+                f"{source}: entry {index}: 'chosen' and 'rejected' are the same answer, so DPO "
+                "learns nothing from it (loss log 2, zero gradient); fix or remove the entry"
+            )
     return entries
 
 
 def load_preferences(
-    path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None
-) -> list[dict]:
+    path: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None
+) -> list[dict[str, Any]]:
     """Preference pairs from `path`, else $COURSE_PREFERENCES, else the book's verified file."""
     if path is None and os.environ.get(PREFERENCES_ENV, "").strip():
         path = os.environ[PREFERENCES_ENV].strip()
@@ -91,10 +111,11 @@ def load_preferences(
             f"{path}: no such preference file (from the argument or ${PREFERENCES_ENV})"
         )
     # The instruction loader parses JSON / JSON Lines and checks the instruction fields.
-    return validate_preferences(load_instruction_data(path), str(path))
+    books = sha256_of(path) == PREFERENCES_SHA256  # keeps BOOK_IDENTICAL_PAIRS, as the book does
+    return validate_preferences(load_instruction_data(path), str(path), allow_identical=books)
 
 
-def save_preferences(entries: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+def save_preferences(entries: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write preference entries as an indented JSON list, atomically."""
     validate_preferences(list(entries), str(path))
     return atomic_write_text(path, json.dumps(list(entries), indent=4, ensure_ascii=False) + "\n")

@@ -1,15 +1,18 @@
 """LoRA adapter files: only the A/B tensors and their settings, as safetensors.
 
 `save_lora_adapters` writes the adapters of a model that `helpers.lora.layers.apply_lora`
-wrapped (a few MB instead of the whole model); `load_lora_adapters` applies LoRA with the
-file's rank/alpha/targets to a base model and loads them, after checking every tensor.
+wrapped (a few MB instead of the whole model) with its `LoRAConfig` in the metadata;
+`load_lora_adapters` applies LoRA with the file's settings to a base model and loads the
+tensors, after checking every one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -17,15 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from helpers.atomic import atomic_path
-from helpers.lora.layers import (
-    LinearWithLoRA,
-    _blocks,
-    _check_rank_alpha,
-    _resolve_targets,
-    apply_lora,
-    lora_settings,
-)
+from helpers.lora.layers import LinearWithLoRA, LoRAConfig, _blocks, lora_settings
 from helpers.model import GPTModel
+from helpers.weights import first_nonfinite, random_model, weights_fingerprint
 
 LORA_FORMAT = "course-lora-adapters/1"  # stored in every adapter file's metadata
 
@@ -45,11 +42,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_adapters(
     model: GPTModel,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     rank: int | None = None,
     alpha: float | None = None,
     *,
-    metadata: dict | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write only the LoRA A/B tensors and their settings as safetensors; atomic.
 
@@ -61,20 +58,14 @@ def save_lora_adapters(
     if settings is None:
         raise ValueError("model has no LoRA layers to save; call apply_lora first")
     for key, given in (("rank", rank), ("alpha", alpha)):
-        if given is not None and given != settings[key]:
-            raise ValueError(
-                f"{key}={given!r} given, but the model's LoRA layers use {settings[key]!r}"
-            )
-    meta = {
-        "format": "pt",
-        "lora_format": LORA_FORMAT,
-        "rank": json.dumps(settings["rank"]),
-        "alpha": json.dumps(settings["alpha"]),
-        "rank_scaled": json.dumps(settings["rank_scaled"]),
-        "targets": json.dumps(settings["targets"]),
-    }
+        used = getattr(settings, key)
+        if given is not None and given != used:
+            raise ValueError(f"{key}={given!r} given, but the model's LoRA layers use {used!r}")
+    meta = {"format": "pt", "lora_format": LORA_FORMAT}
+    meta |= {key: json.dumps(value) for key, value in asdict(settings).items()}
     if hasattr(model, "cfg"):
         meta["base_config"] = json.dumps(model.cfg.to_dict())  # for reference only
+    meta["base_fingerprint"] = weights_fingerprint(_base_state(model))  # checked at load
     for key, value in (metadata or {}).items():
         if key in meta:
             raise ValueError(f"metadata key {key!r} is reserved")
@@ -85,7 +76,55 @@ def save_lora_adapters(
     return path
 
 
-def _read_adapter_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's weights under their unwrapped names (LoRA tensors left out)."""
+    return {
+        name.replace(".linear.", "."): tensor
+        for name, tensor in model.state_dict().items()
+        if not name.endswith((".lora.A", ".lora.B"))
+    }
+
+
+def _recorded_base(meta: dict[str, str]) -> tuple[str, str | None]:
+    """(description, weights fingerprint or None) of the base an adapter file was trained on.
+
+    Files written before fingerprints were recorded, on a seeded random init, get the
+    fingerprint of that init rebuilt from `base_model` and `base_seed`.
+    """
+    seed = json.loads(meta["base_seed"]) if "base_seed" in meta else None
+    parts = [meta.get("base_model"), meta.get("base_weights")]
+    parts += [] if seed is None else [f"seed {seed}"]
+    described = ", ".join(p for p in parts if p) or "its base"
+    if "base_fingerprint" in meta:
+        return described, meta["base_fingerprint"]
+    if meta.get("base_weights") != "random init" or seed is None or "base_model" not in meta:
+        return described, None
+    tie = not json.loads(meta.get("chapter_compat", "false"))
+    try:
+        base = random_model(meta["base_model"], seed=int(seed), tie_embeddings=tie)
+    except (KeyError, TypeError, ValueError):
+        return described, None  # not a preset this course knows: nothing to check against
+    return described, weights_fingerprint(base.state_dict())
+
+
+def _check_base(path: Path, model: nn.Module) -> None:
+    """Refuse adapters whose file records another base model than `model` (same shapes or not)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    try:
+        described, recorded = _recorded_base(meta)
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise LoRAAdapterError(f"{path} has invalid base-model metadata: {err}") from err
+    actual = weights_fingerprint(_base_state(model))
+    if recorded is not None and recorded != actual:
+        raise LoRAAdapterError(
+            f"{path} was trained on another base model: the file records {described} "
+            f"(weights fingerprint {recorded}), this model's weights have fingerprint {actual}; "
+            "load them into that base model, or pass force=True to apply them anyway"
+        )
+
+
+def _read_adapter_file(path: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """(settings, tensors) of an adapter file; LoRAAdapterError naming the file otherwise."""
     if not path.is_file():
         raise LoRAAdapterError(f"No LoRA adapter file at {path}")
@@ -104,20 +143,24 @@ def _read_adapter_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             "written by save_lora_adapters)"
         )
     try:
-        settings = {k: json.loads(meta[k]) for k in ("rank", "alpha", "rank_scaled", "targets")}
-        _check_rank_alpha(settings["rank"], settings["alpha"])
-        settings["targets"] = list(_resolve_targets(settings["targets"]))
+        settings = LoRAConfig(**{f.name: json.loads(meta[f.name]) for f in fields(LoRAConfig)})
     except (KeyError, ValueError, TypeError) as err:
         raise LoRAAdapterError(f"{path} has invalid LoRA metadata: {err}") from err
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # no flag lets these in: they would turn every answer into NaN
+        raise LoRAAdapterError(
+            f"{path}: tensor {bad[0]!r} holds {bad[1]} of {bad[2]} values that are NaN or "
+            "infinite; these adapters are broken (did their training diverge?)"
+        )
     return settings, tensors
 
 
-def _expected_shapes(model: GPTModel, settings: dict) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: GPTModel, settings: LoRAConfig) -> dict[str, tuple[int, ...]]:
     """Adapter tensor names and shapes that `settings` would give `model`."""
-    rank = settings["rank"]
+    rank = settings.rank
     shapes: dict[str, tuple[int, ...]] = {}
     for i, block in enumerate(_blocks(model)):
-        for name in settings["targets"]:
+        for name in settings.targets:
             layer = block.get_submodule(name)
             if isinstance(layer, LinearWithLoRA):
                 layer = layer.linear
@@ -147,11 +190,14 @@ def _check_fits(
         )
 
 
-def load_lora_adapters(model: GPTModel, path: str | os.PathLike) -> GPTModel:
+def load_lora_adapters(
+    model: GPTModel, path: str | os.PathLike[str], *, force: bool = False
+) -> GPTModel:
     """Apply LoRA with the file's rank/alpha/targets to a base `model` and load its A/B tensors.
 
     A model that already has matching LoRA layers just gets the tensors. Everything is
-    checked before the model is touched, so a bad file leaves `model` as it was.
+    checked before the model is touched, so a bad file leaves `model` as it was; that
+    includes the base model the file records (`force=True` skips only that check).
     Returns `model` (base frozen, adapters trainable, as after apply_lora).
     """
     path = Path(path)
@@ -163,14 +209,10 @@ def load_lora_adapters(model: GPTModel, path: str | os.PathLike) -> GPTModel:
             "load into the base model"
         )
     _check_fits(path, tensors, _expected_shapes(model, settings))
+    if not force:
+        _check_base(path, model)
     if current is None:
-        apply_lora(
-            model,
-            settings["rank"],
-            settings["alpha"],
-            settings["targets"],
-            rank_scaled=settings["rank_scaled"],
-        )
+        settings.apply(model)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in tensors.items():

@@ -11,6 +11,7 @@ independent of the rank; pass `rank_scaled=True` for that. Each layer's `scaling
 holds the factor actually used.
 
     model = apply_lora(model, rank=16, alpha=16)   # freezes the base, wraps attn + mlp linears
+    # the same: LoRAConfig(rank=16, alpha=16).apply(model); LoRAConfig checks the settings
     print(parameter_report(model))
     ...train as usual (frozen weights get no gradient, so AdamW leaves them alone)...
     save_lora_adapters(model, "adapters.safetensors")   # a few MB instead of the whole model
@@ -26,12 +27,15 @@ The tied output head (lm_head = wte) is never wrapped: it stays frozen.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from helpers.model import GPTModel
+from helpers.run.fields import boolean, positive_int, positive_number, setting, validate
 
 # `targets` names a group or one linear inside a block; a group stands for its linears.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -39,15 +43,88 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp.c_fc", "mlp.c_proj"),
 }
 _ALL_LINEARS = tuple(name for group in TARGET_GROUPS.values() for name in group)
+LORA_TARGETS = ("attn", "mlp")  # the book's choice: every linear of every block
 
 
-def _check_rank_alpha(rank: int, alpha: float) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
-    if not math.isfinite(alpha):
-        raise ValueError(f"LoRA alpha must be finite, got {alpha!r}")
+def _resolve_targets(targets: Iterable[str] | str) -> tuple[str, ...]:
+    """Groups/linears -> linear names inside a block, in the block's order, no duplicates."""
+    names = (targets,) if isinstance(targets, str) else tuple(targets)
+    wanted: set[str] = set()
+    for name in names:
+        if name in TARGET_GROUPS:
+            wanted.update(TARGET_GROUPS[name])
+        elif name in _ALL_LINEARS:
+            wanted.add(name)
+        else:
+            valid = ", ".join(repr(n) for n in [*TARGET_GROUPS, *_ALL_LINEARS])
+            raise ValueError(f"Unknown LoRA target {name!r}; valid targets: {valid}")
+    if not wanted:
+        raise ValueError("LoRA needs at least one target")
+    return tuple(n for n in _ALL_LINEARS if n in wanted)
+
+
+def _targets_problem(value: Any) -> str | None:
+    try:
+        _resolve_targets(value)
+    except (ValueError, TypeError) as exc:
+        return f"must name LoRA targets: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA's settings (appendix E), validated once: rank, alpha, targets, scaling.
+
+    `targets` may name groups ("attn", "mlp") or single linears ("attn.c_attn"); it is kept as
+    the linear names inside a block, in the block's order, so equal settings compare equal.
+    Each field carries its command-line flag (--lora-rank, ... in helpers.run.cli).
+    """
+
+    rank: int = setting(
+        help="freeze the model and train rank-R LoRA adapters (the book: 16)",
+        check=positive_int,
+        metavar="R",
+    )
+    alpha: float = setting(
+        help="LoRA scaling alpha (default: equal to --lora-rank)",
+        check=positive_number,
+        metavar="A",
+    )
+    targets: Sequence[str] = setting(  # a tuple of linear names once validated
+        LORA_TARGETS,
+        "linears to adapt",
+        _targets_problem,
+        choices=tuple(TARGET_GROUPS),
+        nargs="+",
+    )
+    rank_scaled: bool = setting(
+        False, "scale by alpha / rank (the LoRA paper) instead of alpha (the book)", boolean
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+        object.__setattr__(self, "targets", _resolve_targets(self.targets))  # frozen: once, here
+
+    def apply(self, model: GPTModel) -> GPTModel:
+        """Freeze every parameter of `model`, then wrap the target linears of every block."""
+        blocks = _blocks(model)
+        if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
+            raise ValueError("model already has LoRA layers; merge_lora(model) first")
+        # The book's order: freeze everything, then add the (trainable) LoRA layers.
+        for param in model.parameters():
+            param.requires_grad = False
+        for block in blocks:
+            for name in self.targets:
+                parent_name, attr = name.split(".")
+                parent = block.get_submodule(parent_name)
+                linear = getattr(parent, attr)
+                if not isinstance(linear, nn.Linear):
+                    raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
+                wrapped = LinearWithLoRA(
+                    linear, self.rank, self.alpha, rank_scaled=self.rank_scaled
+                )
+                setattr(parent, attr, wrapped)
+        return model
 
 
 class LoRALayer(nn.Module):
@@ -65,7 +142,7 @@ class LoRALayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_rank_alpha(rank, alpha)
+        LoRAConfig(rank=rank, alpha=alpha)  # the same checks as every LoRA setting
         self.rank = rank
         self.alpha = alpha
         self.rank_scaled = rank_scaled
@@ -132,23 +209,6 @@ class LinearWithLoRA(nn.Module):
         return self.linear
 
 
-def _resolve_targets(targets: Iterable[str] | str) -> tuple[str, ...]:
-    """Groups/linears -> linear names inside a block, in the block's order, no duplicates."""
-    names = (targets,) if isinstance(targets, str) else tuple(targets)
-    wanted: set[str] = set()
-    for name in names:
-        if name in TARGET_GROUPS:
-            wanted.update(TARGET_GROUPS[name])
-        elif name in _ALL_LINEARS:
-            wanted.add(name)
-        else:
-            valid = ", ".join(repr(n) for n in [*TARGET_GROUPS, *_ALL_LINEARS])
-            raise ValueError(f"Unknown LoRA target {name!r}; valid targets: {valid}")
-    if not wanted:
-        raise ValueError("apply_lora needs at least one target")
-    return tuple(n for n in _ALL_LINEARS if n in wanted)
-
-
 def _blocks(model: nn.Module) -> nn.ModuleList:
     blocks = getattr(model, "h", None)
     if not isinstance(blocks, nn.ModuleList):
@@ -162,7 +222,7 @@ def apply_lora(
     model: GPTModel,
     rank: int,
     alpha: float,
-    targets: Iterable[str] | str = ("attn", "mlp"),
+    targets: Iterable[str] | str = LORA_TARGETS,
     *,
     rank_scaled: bool = False,
 ) -> GPTModel:
@@ -170,35 +230,21 @@ def apply_lora(
 
     `targets`: "attn" (c_attn, c_proj), "mlp" (c_fc, c_proj) or single linears such as
     "attn.c_attn". Embeddings, LayerNorms and the tied output head stay frozen; only the new
-    LoRA A/B matrices train. Returns `model`. See the module docstring for `rank_scaled`.
+    LoRA A/B matrices train. Returns `model`. See the module docstring for `rank_scaled`;
+    `LoRAConfig(...).apply(model)` does the same with settings checked beforehand.
     """
-    _check_rank_alpha(rank, alpha)
-    names = _resolve_targets(targets)
-    blocks = _blocks(model)
-    if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
-        raise ValueError("model already has LoRA layers; merge_lora(model) first")
-    # The book's order: freeze everything, then add the (trainable) LoRA layers.
-    for param in model.parameters():
-        param.requires_grad = False
-    for block in blocks:
-        for name in names:
-            parent_name, attr = name.split(".")
-            parent = block.get_submodule(parent_name)
-            linear = getattr(parent, attr)
-            if not isinstance(linear, nn.Linear):
-                raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
-            setattr(parent, attr, LinearWithLoRA(linear, rank, alpha, rank_scaled=rank_scaled))
-    return model
+    names = (targets,) if isinstance(targets, str) else tuple(targets)
+    return LoRAConfig(rank=rank, alpha=alpha, targets=names, rank_scaled=rank_scaled).apply(model)
 
 
 def _lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
 
 
-def lora_settings(model: nn.Module) -> dict | None:
-    """{"rank", "alpha", "rank_scaled", "targets"} of the model's LoRA layers; None without any.
+def lora_settings(model: nn.Module) -> LoRAConfig | None:
+    """The `LoRAConfig` of the model's LoRA layers; None without any.
 
-    `targets` lists the wrapped linears inside a block (e.g. "attn.c_attn"). Raises if the
+    Its `targets` are the wrapped linears inside a block (e.g. "attn.c_attn"). Raises if the
     layers disagree (a model put together by hand), since an adapter file stores one setting.
     """
     modules = _lora_modules(model)
@@ -208,9 +254,8 @@ def lora_settings(model: nn.Module) -> dict | None:
     if len(kinds) > 1:
         raise ValueError(f"LoRA layers use different (rank, alpha, rank_scaled): {sorted(kinds)}")
     rank, alpha, rank_scaled = kinds.pop()
-    found = {name.split(".", 2)[2] for name in modules}  # "h.0.attn.c_attn" -> "attn.c_attn"
-    targets = [n for n in _ALL_LINEARS if n in found]
-    return {"rank": rank, "alpha": alpha, "rank_scaled": rank_scaled, "targets": targets}
+    found = tuple(name.split(".", 2)[2] for name in modules)  # "h.0.attn.c_attn" -> "attn.c_attn"
+    return LoRAConfig(rank=rank, alpha=alpha, targets=found, rank_scaled=rank_scaled)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import pandas as pd
 from helpers.review.metrics import normalize_text
 from helpers.review.ratings import SCALES, RatingStore
 from helpers.review.responses import RESPONSE_KEY
+from helpers.widgets.live import PlainView, note_output, show, widget_output
 
 if TYPE_CHECKING:
     from pandas.io.formats.style import Styler
@@ -101,12 +102,22 @@ def print_review_table(entries: Sequence[Mapping[str, Any]], **kw: Any) -> None:
     print(format_review_text(entries, **kw))
 
 
+REVIEW_NOTE = (
+    "the rating buttons respond once you run this cell; until then the entry below shows the "
+    "state saved with the notebook."
+)
+# The entry's table fills the output area's width and wraps long text, so it never overflows.
+ENTRY_TABLE_STYLE = "width:100%;table-layout:fixed;border-collapse:collapse;margin:0"
+LABEL_CELL = "width:9.5em;text-align:left;vertical-align:top;padding:2px 8px 2px 0"
+VALUE_CELL = "text-align:left;vertical-align:top;white-space:pre-wrap;overflow-wrap:anywhere"
+
+
 class ReviewTool:
     """ipywidgets tool: show one answer, rate it with a note, save, move on.
 
-    Display the tool itself (or `.widget`). Beside the live widget it carries a static view of
-    the same entry, rating and progress (`text/html`, `text/plain`), which is what nbconvert,
-    GitHub and nbviewer show where no widget front end runs.
+    Displayed, it is three outputs (see `helpers.widgets.live`): a one-line note, the entry
+    with its rating and progress as plain HTML and text (redrawn by the buttons while the
+    kernel runs, and shown as saved by nbconvert, GitHub and nbviewer), and the controls.
     """
 
     def __init__(
@@ -123,10 +134,11 @@ class ReviewTool:
             path, reviewer=reviewer, scale=scale, entries=self.entries, response_key=response_key
         )
         self.index = self.store.first_unrated(len(self.entries))  # resume where we stopped
-        self.view = w.HTML()
-        self.status = w.Label()
+        self.view = PlainView(lambda: (self.html(), self.text()))
+        self.status = w.Label()  # what the last click did ("Pick a rating first.")
         self.rating = w.ToggleButtons(options=SCALES[scale], value=None, description="Rating")
-        self.note = w.Textarea(placeholder="note (optional)", layout=w.Layout(width="100%"))
+        # width "auto" fills the column less the widget's margins ("100%" overflows by them).
+        self.note = w.Textarea(placeholder="note (optional)", layout=w.Layout(width="auto"))
         self.buttons = {
             "prev": w.Button(description="◀ Previous"),
             "save": w.Button(description="Save & next", button_style="primary"),
@@ -135,27 +147,26 @@ class ReviewTool:
         self.buttons["prev"].on_click(lambda _: self.go(self.index - 1))
         self.buttons["next"].on_click(lambda _: self.go(self.index + 1))
         self.buttons["save"].on_click(lambda _: self.save_and_next())
-        controls = w.HBox(list(self.buttons.values()))
-        self.widget = w.VBox([self.status, self.view, self.rating, self.note, controls])
+        # The row of buttons wraps in a narrow output area instead of overflowing it.
+        controls = w.HBox(list(self.buttons.values()), layout=w.Layout(flex_flow="row wrap"))
+        self.widget = w.VBox([self.rating, self.note, controls, self.status])
         self.go(self.index)
 
     def go(self, index: int) -> None:
         """Show entry `index` (clamped) with any rating it already has."""
         self.index = max(0, min(index, len(self.entries)))
-        done = len(self.store.ratings)
-        self.status.value = f"{done}/{len(self.entries)} rated · reviewer {self.store.reviewer}"
-        if self.index == len(self.entries):
-            self.view.value = "<b>All answers reviewed.</b>"
-            return
-        cells = "".join(
-            f"<tr><th style='text-align:left;vertical-align:top'>{k}</th>"
-            f"<td style='white-space:pre-wrap'>{html.escape(v)}</td></tr>"
-            for k, v in self._entry_rows()
+        self.status.value = ""
+        if self.index < len(self.entries):
+            old = self.store.ratings.get(self.index)
+            self.rating.value = old["rating"] if old else None
+            self.note.value = old["note"] if old else ""
+        self.view.refresh()
+
+    def progress(self) -> str:
+        """One line: how many answers are rated, and by whom."""
+        return (
+            f"{len(self.store.ratings)}/{len(self.entries)} rated · reviewer {self.store.reviewer}"
         )
-        self.view.value = f"<b>Entry {self.index}</b><table>{cells}</table>"
-        old = self.store.ratings.get(self.index)
-        self.rating.value = old["rating"] if old else None
-        self.note.value = old["note"] if old else ""
 
     def _entry_rows(self) -> list[tuple[str, str]]:
         e = self.entries[self.index]
@@ -168,6 +179,8 @@ class ReviewTool:
         return [(label, value) for label, value in rows if value]
 
     def _rating_line(self) -> str:
+        if self.index == len(self.entries):
+            return "All answers reviewed."
         choices = " / ".join(self.rating.options)
         old = self.store.ratings.get(self.index)
         if old is None:
@@ -177,33 +190,31 @@ class ReviewTool:
 
     def text(self) -> str:
         """The tool's current state as plain text: progress, the entry, its rating."""
-        lines = [self.status.value]
-        if self.index == len(self.entries):
-            return "\n".join([*lines, "All answers reviewed."])
-        lines.append(f"Entry {self.index}")
-        for label, value in self._entry_rows():
-            wrapped = textwrap.fill(value, 88, subsequent_indent=" " * 17)
-            lines.append(f"  {label:>14}: {wrapped}")
+        lines = [self.progress()]
+        if self.index < len(self.entries):
+            lines.append(f"Entry {self.index}")
+            for label, value in self._entry_rows():
+                wrapped = textwrap.fill(value, 88, subsequent_indent=" " * 17)
+                lines.append(f"  {label:>14}: {wrapped}")
         lines.append(self._rating_line())
         return "\n".join(lines)
 
     def html(self) -> str:
-        """The tool's current state as static HTML (no controls): what the widget shows."""
-        rating = (
-            "" if self.index == len(self.entries) else f"<p>{html.escape(self._rating_line())}</p>"
-        )
-        return (
-            f"<div><p>{html.escape(self.status.value)}</p>{self.view.value}{rating}"
-            "<p><i>Static view: the rating buttons work in Jupyter with ipywidgets.</i></p></div>"
-        )
+        """The tool's current state as static HTML: progress, the entry, its rating."""
+        parts = [f"<p style='margin:0'>{html.escape(self.progress())}</p>"]
+        if self.index < len(self.entries):
+            cells = "".join(
+                f"<tr><th style='{LABEL_CELL}'>{k}</th>"
+                f"<td style='{VALUE_CELL}'>{html.escape(v)}</td></tr>"
+                for k, v in self._entry_rows()
+            )
+            parts.append(f"<p style='margin:4px 0'><b>Entry {self.index}</b></p>")
+            parts.append(f"<table style='{ENTRY_TABLE_STYLE}'>{cells}</table>")
+        parts.append(f"<p style='margin:4px 0'>{html.escape(self._rating_line())}</p>")
+        return f"<div>{''.join(parts)}</div>"
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle: dict[str, Any] = dict(self.widget._repr_mimebundle_(**kwargs) or {})
-        # Without a widget front end (nbconvert, GitHub) these show instead of the
-        # widget's raw repr, VBox(children=(Label(...
-        bundle["text/plain"] = self.text()
-        bundle["text/html"] = self.html()
-        return bundle
+    def _ipython_display_(self) -> None:
+        show(note_output(REVIEW_NOTE), self.view, widget_output(self.widget, self._rating_line()))
 
     def save_and_next(self) -> None:
         """Save the selected rating and note for the current entry, then show the next unrated."""

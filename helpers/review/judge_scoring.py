@@ -47,7 +47,8 @@ PROMPTS: dict[str, tuple[str, int, int]] = {
     "rubric": (RUBRIC_PROMPT, 1, 5),
 }
 
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+# An optional exponent is part of the number: "8e1" is 80 and "1e308" is out of range, never 8 or 1.
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 # Numbers that describe the scale rather than give a score: "out of 100", "/100", "0 to 100".
 _SCALE_BEFORE = re.compile(r"(out of|/|from|between|scale of|\d\s*(to|-|–|and))\s*$", re.IGNORECASE)
 _SCALE_AFTER = re.compile(r"^\s*(to|-|–|and)\s*\d", re.IGNORECASE)
@@ -82,7 +83,7 @@ def parse_score(reply: str, low: int = 0, high: int = 100) -> int | None:
 class JudgeReport:
     """Scores of one judging run; `unparseable` keeps the replies that gave no score."""
 
-    results: list[dict]
+    results: list[dict[str, Any]]
     prompt: str
     model: str
     n_cached: int = 0
@@ -93,7 +94,7 @@ class JudgeReport:
         return [r["score"] for r in self.results]
 
     @property
-    def unparseable(self) -> list[dict]:
+    def unparseable(self) -> list[dict[str, Any]]:
         """Results whose reply held no valid score (index, reply)."""
         return [r for r in self.results if r["score"] is None]
 
@@ -119,7 +120,7 @@ def _key(rec: Mapping[str, Any]) -> CacheKey:
     return (str(rec["entry_id"]), str(rec["prompt"]), str(rec["model"]))
 
 
-def _read_cache(path: Path) -> dict[CacheKey, dict]:
+def _read_cache(path: Path) -> dict[CacheKey, dict[str, Any]]:
     """Cached judgements by (entry_id, prompt, model); the last line for a key wins.
 
     A last line cut short by an interrupted run is dropped and the file repaired, so the
@@ -134,7 +135,7 @@ def _read_cache(path: Path) -> dict[CacheKey, dict]:
     text = _decode(raw, path)
     if cut:
         atomic_write_text(path, text)
-    cache: dict[CacheKey, dict] = {}
+    cache: dict[CacheKey, dict[str, Any]] = {}
     for line in text.splitlines():
         try:
             rec = json.loads(line)

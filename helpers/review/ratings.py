@@ -11,6 +11,7 @@ one table with percent agreement and Cohen's kappa.
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 import warnings
@@ -36,22 +37,41 @@ SCALES: dict[str, tuple[str, ...]] = {
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the hidden `.<name>.lock` beside `path` (no-op on Windows)."""
+def _file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on the hidden `.<name>.lock` beside `path` (no-op on Windows).
+
+    Yields whether this process holds it: False on Windows, or with `wait=False` when
+    another process holds it now.
+    """
     lock = path.with_name(f".{path.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         if sys.platform == "win32":  # no flock: saves still merge, in a narrow race window
-            yield
+            yield False
             return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def read_ratings(path: str | Path, scale: str | None = None) -> list[dict]:
+def _remove_dead_temps(path: Path) -> None:
+    """Remove the temp files that writers killed mid-save (kill -9) left beside `path`.
+
+    Call only under the file lock: every save writes its temp (helpers.atomic's
+    `.<name>.*.tmp`) while holding the lock, so a temp seen by the lock's holder belongs to
+    a writer that died; the lock itself is released by the system when a process dies.
+    """
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def read_ratings(path: str | Path, scale: str | None = None) -> list[dict[str, Any]]:
     """The records of a ratings file, each with its reviewer; errors name the file and record.
 
     Ratings are checked against each record's own scale, else `scale` when given.
@@ -74,7 +94,7 @@ def read_ratings(path: str | Path, scale: str | None = None) -> list[dict]:
     return recs
 
 
-def _json_records(doc: Any, path: Path) -> tuple[list, str | None]:
+def _json_records(doc: Any, path: Path) -> tuple[list[Any], str | None]:
     if isinstance(doc, list):
         return doc, None
     if not isinstance(doc, dict) or "ratings" not in doc:
@@ -109,7 +129,7 @@ def _check_rating(rating: Any, scale: str, where: str) -> None:
         raise ValueError(f"{where}: rating {rating!r} not on the {scale} scale {SCALES[scale]}")
 
 
-def _write_ratings(path: Path, recs: Iterable[dict]) -> None:
+def _write_ratings(path: Path, recs: Iterable[dict[str, Any]]) -> None:
     ordered = sorted(recs, key=lambda r: (r["index"], r["reviewer"]))
     if path.suffix == ".jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
@@ -140,14 +160,19 @@ class RatingStore:
             raise ValueError(f"Unknown scale {scale!r}; valid: {', '.join(SCALES)}")
         self.path, self.scale = Path(path), scale
         self.keys = [entry_id(e, response_key) for e in entries] if entries is not None else None
+        if self.path.parent.is_dir():
+            # Without waiting: a live writer holding the lock keeps its temp file.
+            with _file_lock(self.path, wait=False) as locked:
+                if locked:
+                    _remove_dead_temps(self.path)
         recs = read_ratings(self.path, scale) if self.path.is_file() else []
         names = {r["reviewer"] for r in recs}
         self.reviewer = reviewer or (names.pop() if len(names) == 1 else "reviewer")
-        self.ratings: dict[int, dict] = {}
+        self.ratings: dict[int, dict[str, Any]] = {}
         # Ratings given to a different answer at the same index (responses regenerated since):
         # they do not count as done, but stay in the file until that entry is rated again.
-        self.stale: dict[int, dict] = {}
-        self._records: dict[tuple[str, int], dict] = {}
+        self.stale: dict[int, dict[str, Any]] = {}
+        self._records: dict[tuple[str, int], dict[str, Any]] = {}
         self._load(recs)
         if self.stale:
             warnings.warn(
@@ -156,7 +181,7 @@ class RatingStore:
                 stacklevel=2,
             )
 
-    def _load(self, recs: Iterable[dict]) -> None:
+    def _load(self, recs: Iterable[dict[str, Any]]) -> None:
         self._records = {(r["reviewer"], r["index"]): r for r in recs}
         self.ratings, self.stale = {}, {}
         for (name, i), rec in sorted(self._records.items()):
@@ -170,7 +195,9 @@ class RatingStore:
             return False
         return index >= len(self.keys) or rec["entry_id"] != self.keys[index]
 
-    def rate(self, index: int, rating: str | int, note: str = "", *, entry_key: str = "") -> dict:
+    def rate(
+        self, index: int, rating: str | int, note: str = "", *, entry_key: str = ""
+    ) -> dict[str, Any]:
         """Record (or replace) this reviewer's rating of entry `index` and save the file.
 
         `entry_key` defaults to the entry's `entry_id` when the store knows the entries.
@@ -193,13 +220,15 @@ class RatingStore:
         self.save(rec)
         return rec
 
-    def save(self, *new: dict) -> None:
+    def save(self, *new: dict[str, Any]) -> None:
         """Merge `new` records and whatever the file gained since into the file, atomically.
 
         Under the file lock: ratings on disk win over this store's older copies of them,
         `new` ones win over both, nothing is dropped.
         """
-        with _file_lock(self.path):
+        with _file_lock(self.path) as locked:
+            if locked:
+                _remove_dead_temps(self.path)
             disk = read_ratings(self.path) if self.path.is_file() else []
             merged = dict(self._records)
             merged.update({(r["reviewer"], r["index"]): r for r in (*disk, *new)})

@@ -41,8 +41,8 @@ RESPONSES_ENV = "COURSE_RESPONSES"
 class ResponseSet(NamedTuple):
     """Entries with model answers, plus how they were produced (empty for the chapter's file)."""
 
-    entries: list[dict]
-    metadata: dict
+    entries: list[dict[str, Any]]
+    metadata: dict[str, Any]
 
 
 def entry_id(entry: Mapping[str, Any], response_key: str = RESPONSE_KEY) -> str:
@@ -52,7 +52,7 @@ def entry_id(entry: Mapping[str, Any], response_key: str = RESPONSE_KEY) -> str:
 
 
 def published_responses_path(
-    *, cache_dir: str | os.PathLike | None = None, progress: bool = False
+    *, cache_dir: str | os.PathLike[str] | None = None, progress: bool = False
 ) -> Path:
     """The chapter's published response file: $COURSE_RESPONSES, else a verified download.
 
@@ -114,7 +114,7 @@ def load_responses(path: str | Path, *, response_key: str = RESPONSE_KEY) -> Res
     return ResponseSet(entries, metadata)
 
 
-def _validate_entries(entries: list, response_key: str, *, source: str) -> None:
+def _validate_entries(entries: list[Any], response_key: str, *, source: str) -> None:
     if not entries:
         raise ValueError(f"{source}: no entries")
     for i, entry in enumerate(entries):

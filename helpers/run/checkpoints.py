@@ -2,7 +2,8 @@
 
 A checkpoint holds the model, optimizer and scheduler states, the run's `TrainState`
 (position, loss history, early-stopping record, random-number-generator states), the
-hyper-parameters and a fingerprint of the data. This module is the only one that knows the
+hyper-parameters, a fingerprint of the data and the objective it trained (the chapter's
+next-token loss, or DPO against a given reference model). This module is the only one that knows the
 format: it writes it (atomically, never with non-finite weights), reads it with
 `torch.load(..., weights_only=True)` (so no code runs) and checks that a run may resume
 from it.
@@ -15,7 +16,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,12 @@ import torch
 from helpers.atomic import atomic_path
 from helpers.run.train_config import TrainConfig
 
-CHECKPOINT_FORMAT = "course-train-checkpoint/2"
+CHECKPOINT_FORMAT = "course-train-checkpoint/3"
 CHECKPOINT_NAME = "checkpoint.pt"
+# The chapter's objective (next-token cross-entropy), as checkpoints record it. Format 2
+# recorded no objective: all its checkpoints are fine-tuning runs, and still resume.
+CHAPTER_OBJECTIVE = "fine-tuning"
+_FORMAT_2 = "course-train-checkpoint/2"
 
 
 class CheckpointError(ValueError):
@@ -37,7 +42,7 @@ class CheckpointError(ValueError):
 class TrainState:
     """Where a run is; everything in it (with the weights) is what an exact resume needs."""
 
-    step: int = 0  # optimizer steps done
+    step: int = 0  # optimizer steps done, i.e. the 0-based number of the next one
     epoch: int = 0  # the epoch in progress (0-based)
     batches: int = 0  # batches of that epoch already used
     tokens_seen: int = 0
@@ -69,6 +74,8 @@ class Checkpoint:
     config: TrainConfig
     train_batches: int  # batches per epoch of the train loader it was made with
     data_fingerprint: str  # see data_fingerprint
+    # What was trained: {"name": ..., plus what a resume must match, e.g. a reference model}.
+    objective: Mapping[str, str] = field(default_factory=lambda: {"name": CHAPTER_OBJECTIVE})
 
 
 def capture_rng_state(generators: list[torch.Generator] | None = None) -> dict[str, Any]:
@@ -127,13 +134,13 @@ def data_fingerprint(datasets: Iterable[Any], batching: object = None) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_path(path: str | os.PathLike) -> Path:
+def checkpoint_path(path: str | os.PathLike[str]) -> Path:
     """A checkpoint file path; a directory means the `checkpoint.pt` inside it."""
     path = Path(path)
     return path / CHECKPOINT_NAME if path.is_dir() or path.suffix == "" else path
 
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete half-written `.checkpoint.pt.*.tmp` files a killed run left; returns them."""
     folder = Path(folder)
     stale = sorted(folder.glob(f".{CHECKPOINT_NAME}.*.tmp")) if folder.is_dir() else []
@@ -163,7 +170,7 @@ def _write_error(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(f"cannot write checkpoint {path}: {reason}")
 
 
-def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> Path:
     """Write `checkpoint` atomically (a crash mid-write keeps the previous file); returns the path."""
     path = checkpoint_path(path)
     bad = [
@@ -184,6 +191,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
         "config": asdict(checkpoint.config),
         "train_batches": checkpoint.train_batches,
         "data_fingerprint": checkpoint.data_fingerprint,
+        "objective": dict(checkpoint.objective),
     }
     try:
         with atomic_path(path) as tmp:
@@ -205,7 +213,9 @@ def _read(path: Path) -> dict[str, Any]:
         "course-train-checkpoint/"
     ):
         raise CheckpointError(f"{path} is not a training checkpoint ({CHECKPOINT_FORMAT})")
-    if raw["format"] != CHECKPOINT_FORMAT:
+    if raw["format"] == _FORMAT_2:
+        raw.setdefault("objective", {"name": CHAPTER_OBJECTIVE})
+    elif raw["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is a {raw['format']} checkpoint from an older version; this one reads "
             f"{CHECKPOINT_FORMAT}: start a new run"
@@ -213,8 +223,14 @@ def _read(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and validate a checkpoint written by `save_checkpoint`."""
+def load_checkpoint(
+    path: str | os.PathLike[str], config_type: type[TrainConfig] = TrainConfig
+) -> Checkpoint:
+    """Read and validate a checkpoint written by `save_checkpoint`.
+
+    `config_type`: the run's settings class (a TrainConfig or a subclass such as DPOConfig),
+    which reads back the hyper-parameters a resume compares.
+    """
     path = checkpoint_path(path)
     raw = _read(path)
     try:
@@ -227,9 +243,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             optimizer=dict(raw["optimizer"]),
             scheduler=dict(raw["scheduler"]),
             state=state,
-            config=TrainConfig.from_dict(raw["config"]),
+            config=config_type.from_dict(raw["config"]),
             train_batches=int(raw["train_batches"]),
             data_fingerprint=str(raw["data_fingerprint"]),
+            objective={str(k): str(v) for k, v in dict(raw["objective"]).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} has malformed metadata: {exc}") from exc
@@ -251,7 +268,7 @@ def _weights_mismatch(saved: dict[str, torch.Tensor], model: torch.nn.Module) ->
     return None
 
 
-def _parameters_mismatch(optimizer_state: dict, model: torch.nn.Module) -> str | None:
+def _parameters_mismatch(optimizer_state: dict[str, Any], model: torch.nn.Module) -> str | None:
     # A tied and an untied head have the same state-dict keys but not the same parameters.
     saved = sum(len(group["params"]) for group in optimizer_state.get("param_groups", []))
     mine = len(list(model.parameters()))
@@ -263,6 +280,18 @@ def _parameters_mismatch(optimizer_state: dict, model: torch.nn.Module) -> str |
     )
 
 
+def _objective_mismatch(saved: Mapping[str, str], mine: Mapping[str, str]) -> str | None:
+    if saved.get("name") != mine.get("name"):
+        return f"the checkpoint is from a {saved.get('name')} run, this is a {mine.get('name')} run"
+    for key in sorted(set(saved) | set(mine)):
+        if saved.get(key) != mine.get(key):
+            return (
+                f"the {key} differs from the one the checkpoint was trained with "
+                f"(fingerprint {mine.get(key)}, checkpoint {saved.get(key)})"
+            )
+    return None
+
+
 def check_resumable(
     checkpoint: Checkpoint,
     *,
@@ -270,11 +299,16 @@ def check_resumable(
     config: TrainConfig,
     train_batches: int,
     data_fingerprint: str,
+    objective: Mapping[str, str] | None = None,
 ) -> None:
-    """Refuse (CheckpointError) to resume with other hyper-parameters, data or model shape.
+    """Refuse (CheckpointError) to resume another objective, hyper-parameters, data or model.
 
-    Only `num_epochs` may change (to train on for longer).
+    Only `num_epochs` may change (to train on for longer). `objective` defaults to the
+    chapter's (`{"name": CHAPTER_OBJECTIVE}`).
     """
+    mismatch = _objective_mismatch(checkpoint.objective, objective or {"name": CHAPTER_OBJECTIVE})
+    if mismatch:
+        raise CheckpointError(f"cannot resume: {mismatch}")
     changed = config.differences(checkpoint.config, ignore=("num_epochs",))
     if changed:
         raise CheckpointError(f"cannot resume: hyper-parameters changed: {'; '.join(changed)}")

@@ -11,45 +11,38 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from helpers.generate import generate_responses
-from helpers.model import eval_mode
+from helpers.generate import GenerationSettings, generate_responses
 
-# The chapter's generate_and_print_sample (chapter 5, reused by chapter 7) writes 50 tokens.
-SAMPLE_MAX_NEW_TOKENS = 50
+# The chapter's generate_and_print_sample (chapter 5, reused by chapter 7) writes 50 greedy
+# tokens.
+SAMPLE_SETTINGS = GenerationSettings(max_new_tokens=50)
 
 
 def print_sample(
     model: torch.nn.Module,
     entry: Mapping[str, str],
-    style: str = "alpaca",
-    max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
-    *,
-    chapter_compat: bool = False,
+    settings: GenerationSettings = SAMPLE_SETTINGS,
 ) -> str:
-    """Greedy response of `model` to `entry`, printed on one line as the chapter does."""
-    with eval_mode(model):
-        text = generate_responses(
-            model,  # type: ignore[arg-type]  # any GPT-style module that returns logits
-            [dict(entry)],
-            style=style,
-            max_new_tokens=max_new_tokens,
-            progress=False,
-            chapter_compat=chapter_compat,
-        )[0]
+    """The response of `model` to `entry`, printed on one line as the chapter does.
+
+    Generation runs in eval mode and leaves the model in the mode it was in.
+    """
+    text = generate_responses(
+        model,  # type: ignore[arg-type]  # any GPT-style module that returns logits
+        [dict(entry)],
+        settings,
+        progress=False,
+    )[0]
     print("Sample response:", text.replace("\n", " "))
     return text
 
 
 def sample_printer(
-    entry: Mapping[str, str],
-    *,
-    style: str = "alpaca",
-    max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
-    chapter_compat: bool = False,
+    entry: Mapping[str, str], settings: GenerationSettings = SAMPLE_SETTINGS
 ) -> Callable[[torch.nn.Module, int], str]:
     """An `on_epoch_end(model, epoch)` callback that prints the model's response to `entry`."""
 
     def on_epoch_end(model: torch.nn.Module, epoch: int) -> str:
-        return print_sample(model, entry, style, max_new_tokens, chapter_compat=chapter_compat)
+        return print_sample(model, entry, settings)
 
     return on_epoch_end

@@ -1,30 +1,35 @@
 """The named extensions of the training loop in helpers.train, one small piece each.
 
 Epoch seeding (exact resume), bf16 autocast, NaN checks, gradient accumulation and clipping,
-early stopping, signal handling (Ctrl-C, SIGTERM, SIGHUP) and periodic checkpoints. `train`
-reads as the chapter's loop that calls them.
+early stopping, signal handling (Ctrl-C, SIGTERM, SIGHUP) and checkpoints (`RunCheckpointer`:
+the run's snapshots, the free-space check, periodic saves). `train` reads as the chapter's
+loop that calls them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from helpers.batching import loader_generators
 from helpers.run.checkpoints import (
     Checkpoint,
     CheckpointError,
     TrainState,
     check_resumable,
+    checkpoint_bytes,
     data_fingerprint,
     load_checkpoint,
     remove_stale_temp_files,
@@ -32,6 +37,7 @@ from helpers.run.checkpoints import (
     save_checkpoint,
 )
 from helpers.run.train_config import RunOptions, TrainConfig
+from helpers.runtime import check_output_dir
 from helpers.widgets.progress import tqdm
 
 
@@ -43,7 +49,21 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal_name, self.checkpoint, self.step = signal_name, checkpoint, step
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def interrupted_report(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """A command line's message after `exc` stopped training, and its exit code (128 + signal)."""
+    name = exc.signal_name if isinstance(exc, TrainingInterrupted) else "SIGINT"
+    code = 128 + int(getattr(signal, name, signal.SIGINT))
+    if isinstance(exc, TrainingInterrupted) and exc.checkpoint is not None:
+        # Say --resume only when there is something to resume from.
+        return (
+            f"Interrupted ({name}) at step {exc.step}: checkpoint saved in {exc.checkpoint}; "
+            "rerun with --resume to continue.",
+            code,
+        )
+    return "Interrupted; no checkpoint was saved.", code
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast when enabled on CUDA (where it speeds training up); otherwise nothing."""
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -51,8 +71,8 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 def epoch_batches(
-    loader: DataLoader, state: TrainState, seed: int, generators: list[torch.Generator]
-) -> Iterator:
+    loader: DataLoader[Any], state: TrainState, seed: int, generators: list[torch.Generator]
+) -> Iterator[Any]:
     """The epoch's batches from where `state` stands, in the order an uninterrupted run saw."""
     if getattr(loader, "chapter_order", False):
         # Chapter-faithful loaders draw from torch's global RNG, which the chapter seeds once
@@ -81,17 +101,17 @@ def epoch_batches(
     return batches
 
 
-def _skip(batches: Iterator, n: int) -> Iterator:
+def _skip(batches: Iterator[Any], n: int) -> Iterator[Any]:
     for _ in range(n):  # a resumed run skips what the checkpoint had done
         next(batches)
     return batches
 
 
-def check_finite(loss: float, what: str, state: TrainState) -> None:
-    """Raise FloatingPointError naming the step if `loss` is NaN or infinite."""
+def check_finite(loss: float, what: str, step: int, state: TrainState) -> None:
+    """Raise FloatingPointError naming the step if `loss` (of `step`'s evaluation) is not finite."""
     if not math.isfinite(loss):
         raise FloatingPointError(
-            f"{what} is {loss} at the evaluation of step {state.step - 1} (epoch "
+            f"{what} is {loss} at the evaluation of step {step} (epoch "
             f"{state.epoch + 1}); lower the learning rate or check the data"
         )
 
@@ -108,7 +128,7 @@ class LossWatch:
         self.where: list[tuple[int, int, int]] = []  # (step, epoch, batch) of each loss
 
     def add(self, loss: torch.Tensor, state: TrainState) -> None:
-        """Remember `loss` of the batch `state` is about to count."""
+        """Remember `loss` of the batch `state` is about to count (for step `state.step`)."""
         self.losses.append(loss.detach())
         self.where.append((state.step, state.epoch + 1, state.batches + 1))
 
@@ -158,11 +178,15 @@ def update_early_stopping(state: TrainState, config: TrainConfig, model: torch.n
         state.stopped_early = state.bad_evals >= config.early_stopping_patience
 
 
-def eval_pending(state: TrainState, config: TrainConfig) -> bool:
-    """True when the last step's evaluation was due but is not in the history (after a resume)."""
-    # A checkpoint is taken right after an optimizer step, before that step's evaluation.
-    due = state.step > 0 and (state.step - 1) % config.eval_freq == 0
-    return due and (not state.history or state.history[-1]["step"] != state.step - 1)
+def pending_evaluation(state: TrainState, config: TrainConfig) -> int | None:
+    """The step whose evaluation a resumed run still owes, or None.
+
+    Evaluations come after steps 0, eval_freq, 2 * eval_freq, ... (one history row each),
+    and a snapshot is taken between an optimizer step and its evaluation: the next
+    evaluation due is owed if its step is already done.
+    """
+    due = len(state.history) * config.eval_freq
+    return due if due < state.step else None
 
 
 class StopSignals:
@@ -203,34 +227,68 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def _batching(loader: DataLoader) -> dict[str, Any]:
+def _batching(loader: DataLoader[Any]) -> dict[str, Any]:
     # How examples become batches (collate_fn's options, e.g. mask_prompt), minus the device.
     options = getattr(loader.collate_fn, "keywords", {})
     return {"batch_size": loader.batch_size, **{k: v for k, v in options.items() if k != "device"}}
 
 
 class RunCheckpointer:
-    """Saves snapshots (taken at optimizer-step boundaries): every N steps/minutes and at the end."""
+    """The run's snapshots and checkpoints: every N steps or minutes, on a stop and at the end.
+
+    A snapshot is the run's state taken right after an optimizer step (with the random
+    states), so it matches the weights until the next step changes them; only a snapshot
+    is ever saved. Before training: stale temp files of a killed writer are removed and the
+    folder is checked for writability and free space.
+    """
 
     def __init__(
-        self, options: RunOptions, config: TrainConfig, parts: dict[str, Any], watch: LossWatch
+        self,
+        options: RunOptions,
+        config: TrainConfig,
+        parts: dict[str, Any],
+        watch: LossWatch,
+        objective: Mapping[str, str],
     ) -> None:
         self.options, self.config, self.parts, self.watch = options, config, parts, watch
+        self.objective = dict(objective)
+        self.generators = loader_generators(parts["loaders"][0])  # the shuffling's RNGs
+        self.snapshot: TrainState | None = None
         self.last_save = time.monotonic()
         self.error: str | None = None  # the last failed save, reported in the history attrs
         self._fingerprint: str | None = None
         if options.checkpoint_dir is not None:
             remove_stale_temp_files(options.checkpoint_dir)
+            # Fail now, not after hours of training (OutputDirError, one line).
+            early = config.early_stopping_patience is not None
+            needed = checkpoint_bytes(parts["model"], early_stopping=early)
+            check_output_dir(options.checkpoint_dir, needed)
             self._data()  # the data fingerprint now, not during a Ctrl-C
 
-    def resume(self, path: str | Path, model: torch.nn.Module) -> TrainState:
-        """Load a checkpoint into the model, optimizer and scheduler after checking it fits."""
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt, model=model, config=self.config, **self._data())
+    def start(self, resume_from: str | os.PathLike[str] | None) -> TrainState:
+        """The run's first state: a new one, or the checkpoint's (loaded into the parts)."""
+        state = TrainState() if resume_from is None else self._resume(resume_from)
+        self.snapshot = replace(state, history=list(state.history))
+        return state
+
+    def _resume(self, path: str | os.PathLike[str]) -> TrainState:
+        # Load a checkpoint into the model, optimizer and scheduler after checking it fits.
+        model = self.parts["model"]
+        ckpt = load_checkpoint(path, type(self.config))
+        data = self._data()
+        check_resumable(ckpt, model=model, config=self.config, objective=self.objective, **data)
         model.load_state_dict(ckpt.model)
         self.parts["optimizer"].load_state_dict(ckpt.optimizer)
         self.parts["scheduler"].load_state_dict(ckpt.scheduler)
         return ckpt.state
+
+    def weights_changing(self) -> None:
+        """The optimizer is about to change the weights: no snapshot matches them until `take`."""
+        self.snapshot = None
+
+    def take(self, state: TrainState) -> None:
+        """Snapshot `state` (and the random states) right after an optimizer step."""
+        self.snapshot = state.snapshot(self.generators)
 
     def _data(self) -> dict[str, Any]:
         if self._fingerprint is None:  # computed once: it reads every example
@@ -244,13 +302,14 @@ class RunCheckpointer:
             "data_fingerprint": self._fingerprint,
         }
 
-    def save(self, snapshot: TrainState | None, *, check: bool = True) -> Path | None:
-        """Write `snapshot` with the current weights; a failed save is reported, not raised.
+    def save(self, *, check: bool = True) -> Path | None:
+        """Write the snapshot with the current weights; a failed save is reported, not raised.
 
         With `check`, pending training losses are checked first (a NaN raises instead).
         """
         if check:
             self.watch.check()
+        snapshot = self.snapshot
         if self.options.checkpoint_dir is None or snapshot is None or snapshot.step == 0:
             return None
         parts = self.parts
@@ -260,6 +319,7 @@ class RunCheckpointer:
             scheduler=parts["scheduler"].state_dict(),
             state=snapshot,
             config=self.config,
+            objective=self.objective,
             **self._data(),
         )
         try:
@@ -271,10 +331,18 @@ class RunCheckpointer:
         self.last_save = time.monotonic()
         return path
 
-    def periodic(self, snapshot: TrainState) -> None:
+    def periodic(self) -> None:
         """Save when `checkpoint_every` steps or `checkpoint_minutes` minutes call for it."""
+        if self.snapshot is None:
+            return
         every, minutes = self.options.checkpoint_every, self.options.checkpoint_minutes
-        by_steps = every is not None and snapshot.step % every == 0
+        by_steps = every is not None and self.snapshot.step % every == 0
         by_time = minutes is not None and time.monotonic() - self.last_save >= minutes * 60
         if by_steps or by_time:
-            self.save(snapshot)
+            self.save()
+
+    def interrupted(self, exc: KeyboardInterrupt, state: TrainState) -> TrainingInterrupted:
+        """Save what can be saved after Ctrl-C or a signal; the exception that says so."""
+        name = exc.args[0] if isinstance(exc, TrainingInterrupted) else "SIGINT"
+        step = self.snapshot.step if self.snapshot is not None else state.step
+        return TrainingInterrupted(name, self.save(check=False), step)

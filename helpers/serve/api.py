@@ -14,10 +14,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from helpers.generate import MIN_SAMPLING_TEMPERATURE
+
 DEFAULT_MAX_TOKENS = 256  # when a request gives none (and the context leaves room for it)
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
-# Below this a sampled softmax(logits / T) overflows float32; such temperatures are greedy.
-MIN_SAMPLING_TEMPERATURE = 1e-5
 # OpenAI parameters this server does not implement, with the values that mean "not used";
 # anything else gets a 400 rather than being silently ignored.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -89,6 +89,22 @@ class PreparedRequest:
     max_tokens: int
 
 
+def _text_of_parts(parts: list[Any]) -> str:
+    """The text of a message's content parts joined (other parts skipped); a 400 for non-string text."""
+    texts = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or "text" not in part:
+            continue  # e.g. an image part: this model reads text only
+        if not isinstance(part["text"], str):
+            raise RequestError(
+                f"content part {i} of the last user message: text must be a string, "
+                f"got {type(part['text']).__name__}",  # not the value: it may be huge
+                param="messages",
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _instruction_from_messages(messages: Any) -> tuple[str, str]:
     """(instruction, input): the last user message; a system message, if any, becomes the input."""
     if not isinstance(messages, list) or not messages:
@@ -100,7 +116,7 @@ def _instruction_from_messages(messages: Any) -> tuple[str, str]:
         raise RequestError("'messages' holds no message with role 'user'", param="messages")
     content = users[-1].get("content")
     if isinstance(content, list):  # content parts: keep the text ones
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = _text_of_parts(content)
     if not isinstance(content, str) or not content.strip():
         raise RequestError("the last user message has no text content", param="messages")
     system = [

@@ -2,8 +2,10 @@
 
 `ChatEngine` checks a request body and tokenizes its prompt (`prepare`), then runs the
 generation on its own worker thread, so the HTTP event loop never waits on the model; a lock
-keeps it to one generation at a time. `generate_tokens` yields the new tokens one by one, as
-streaming needs. Requests come as OpenAI bodies (`prepare`) or Ollama ones (`prepare_ollama`).
+keeps it to one generation at a time. The tokens come one by one from
+`helpers.generate.generate_stream`, the same decoding loop the notebooks' `generate_responses`
+runs, so a reply (streamed or not) is the notebooks' answer. Requests come as OpenAI bodies
+(`prepare`) or Ollama ones (`prepare_ollama`).
 No HTTP here: `helpers.serve.server.ChatServer` puts an engine behind a server.
 """
 
@@ -13,12 +15,10 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from typing import Any
 
-import torch
-
-from helpers.generate import sample_next_token
-from helpers.model import eval_mode
+from helpers.generate import GenerationSettings, generate_stream
 from helpers.prompts import extract_response, format_prompt, get_style
 from helpers.serve.api import (
     ChatRequest,
@@ -30,41 +30,7 @@ from helpers.serve.api import (
 )
 from helpers.serve.ollama import Timing, chat_object, fit_window, ndjson_lines, parse_ollama_request
 from helpers.serve.stream import sse_events
-from helpers.tokenizer import EOS_ID, decode, encode
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model: Any,
-    prompt_ids: list[int],
-    max_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int | None = None,
-) -> Iterator[int]:
-    """New token ids one at a time (eos ends it, unreturned): what `generate_batch` produces.
-
-    The same steps as `helpers.generate.generate_batch` for a single prompt (KV cache,
-    the same sampling and seeded generator), but yielding each token as it is made, which
-    streaming needs. The caller makes sure prompt + max_tokens fit the context.
-    """
-    device = model.wte.weight.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    cache = model.new_kv_cache(1, len(prompt_ids) + max_tokens)
-    step = torch.tensor([prompt_ids], device=device)  # (1, T): the prompt, then one token
-    with eval_mode(model):
-        for _ in range(max_tokens):
-            logits = model(step, kv_cache=cache, last_only=True)  # (1, 1, V)
-            next_id = sample_next_token(
-                logits[:, -1].float(), temperature, top_k, generator
-            )  # (1,)
-            token = int(next_id.item())
-            if token == EOS_ID:
-                return
-            yield token
-            step = next_id[:, None]
-
+from helpers.tokenizer import decode, encode
 
 _END = object()  # marks the end of a generation in the token queue
 
@@ -106,19 +72,23 @@ class ChatEngine:
         limit, window = fit_window(request, len(prompt_ids), self.model.cfg.context_length)
         return PreparedRequest(request.chat, prompt_ids, limit), window
 
-    def _run(self, job: PreparedRequest, stop: threading.Event) -> Iterator[int]:
+    def settings(self, job: PreparedRequest) -> GenerationSettings:
+        """How the job's answer is generated: its length, temperature, top-k and seed."""
         r = job.request
-        with self.lock:
-            for token in generate_tokens(
-                self.model,
-                job.prompt_ids,
-                job.max_tokens,
-                temperature=r.temperature,
-                top_k=r.top_k,
-                seed=r.seed,
-            ):
+        return GenerationSettings(
+            max_new_tokens=job.max_tokens,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            seed=r.seed,
+            style=self.style,
+        )
+
+    def _run(self, job: PreparedRequest, stop: threading.Event) -> Iterator[int]:
+        settings = self.settings(job)
+        with self.lock, closing(generate_stream(self.model, job.prompt_ids, settings)) as tokens:
+            for token in tokens:
                 if stop.is_set() or self._closing.is_set():
-                    return
+                    return  # closing the stream ends the generation
                 yield token
 
     def complete(self, body: Any) -> dict[str, Any]:

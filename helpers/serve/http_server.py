@@ -2,7 +2,8 @@
 
 `ServeOptions` holds them. `uvicorn_config` sets uvicorn up with keep-alive and shutdown
 timeouts, a bound on concurrent connections and a deadline for each request's head
-(`_TimedH11Protocol`); `BodyGuard` closes a connection rather than read a large unread body;
+(`_TimedH11Protocol`); `BodyGuard` reads and drops a large unread body before an error reply
+(so a client still sending it can read the reply), within bounds, else closes the connection;
 `AccessCheck` refuses a Host that is not allowed (DNS rebinding) and foreign browser Origins.
 """
 
@@ -10,44 +11,90 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import anyio
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from helpers.run.fields import (
+    boolean,
+    int_at_least_zero,
+    positive_int,
+    positive_number,
+    setting,
+    texts,
+    validate,
+)
 from helpers.serve.api import RequestError
 
 MAX_BODY = 1_000_000  # bytes; a chat request is a few KB
-# An unread request body up to this size is read and dropped after an early error reply, so
-# the connection stays usable; a larger (or chunked) one closes the connection instead.
+# An unread request body up to this size is read and dropped (by uvicorn) after an early
+# error reply, so the connection stays usable.
 DRAIN_LIMIT = 16 * MAX_BODY
+# A larger (or chunked) one is read and dropped by BodyGuard *before* the reply, up to this
+# size and while it keeps arriving (DRAIN_IDLE seconds between pieces, DRAIN_SECONDS in all):
+# a client that sends the whole body before reading (urllib, the chapter's query_model) would
+# otherwise get a connection reset instead of the 413. Beyond that the connection is closed.
+DRAIN_MAX = 256 * MAX_BODY
+DRAIN_IDLE = 1.0
+DRAIN_SECONDS = 10.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """HTTP limits and access rules of the server (the defaults suit one local user)."""
+    """HTTP limits and access rules of the server (the defaults suit one local user), validated.
 
-    # Host header names accepted besides the loopback ones ("*": any; e.g. the machine's
-    # name when serving a LAN). Requests naming another host get a 400 (DNS rebinding).
-    allowed_hosts: tuple[str, ...] = ()
-    # Browser origins allowed to call the API (CORS), e.g. "http://localhost:3000"; none by
-    # default, and a request from any other Origin gets a 403.
-    cors_origins: tuple[str, ...] = ()
-    max_body_bytes: int = MAX_BODY
-    # Open connections plus running requests; beyond it requests get a 503.
-    limit_concurrency: int = 64
-    # Seconds a client has to send a request's head, and then its body (else 408/closed).
-    request_timeout: float = 10.0
-    # Seconds an idle keep-alive connection is kept open.
-    keep_alive_timeout: int = 5
-    # Seconds shutdown() waits for requests in progress before cancelling them.
-    shutdown_timeout: int = 5
-    # Log every request (uvicorn's access log).
-    verbose: bool = False
+    Fields with help text are `python -m helpers.serve` flags (helpers.run.fields).
+    """
+
+    # Requests naming another host get a 400 (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = setting(
+        (),
+        "also accept this Host header name (repeatable; '*' accepts any; e.g. the machine's "
+        "name when serving a LAN); loopback names are always accepted",
+        texts,
+        flag="--allow-host",
+        action="append",
+        metavar="NAME",
+    )
+    # A request from any other Origin gets a 403.
+    cors_origins: tuple[str, ...] = setting(
+        (),
+        "let browser pages from this origin call the API, e.g. http://localhost:3000 "
+        "(repeatable; default: none)",
+        texts,
+        flag="--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+    )
+    max_body_bytes: int = setting(
+        MAX_BODY, "largest request body (413 beyond)", positive_int, cli=False
+    )
+    limit_concurrency: int = setting(
+        64, "connections + requests at once before answering 503", positive_int
+    )
+    request_timeout: float = setting(
+        10.0, "seconds a client has to send a request's head, and its body", positive_number
+    )
+    keep_alive_timeout: int = setting(
+        5, "seconds an idle keep-alive connection is kept open", positive_int, cli=False
+    )
+    shutdown_timeout: int = setting(
+        5,
+        "seconds shutdown() waits for requests in progress before cancelling them",
+        int_at_least_zero,
+        cli=False,
+    )
+    verbose: bool = setting(False, "log every request", boolean)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -134,10 +181,13 @@ def error_response(err: RequestError, headers: dict[str, str] | None = None) -> 
 
 
 class BodyGuard:
-    """Close the connection after a reply that left a large or chunked request body unread.
+    """Read and drop a large or chunked unread request body before the reply, within bounds.
 
-    uvicorn reads and drops an unread body so the connection can carry the next request;
-    that is right for a small body but would mean reading a client's gigabytes for nothing.
+    uvicorn itself reads and drops a small unread body after the reply, so the connection can
+    carry the next request. A large one is read here before the reply instead (a client
+    still sending it would see its connection reset), up to DRAIN_MAX bytes while it keeps
+    arriving; past those bounds the reply closes the connection rather than read a client's
+    gigabytes for nothing.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -150,7 +200,8 @@ class BodyGuard:
         headers = dict(scope["headers"])
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         length = headers.get(b"content-length", b"0")
-        large = chunked or (length.isdigit() and int(length) > DRAIN_LIMIT)
+        declared = int(length) if length.isdigit() else 0
+        large = chunked or declared > DRAIN_LIMIT
         body_done = False  # (consulted only for a large body, which is never empty)
 
         async def guarded_receive() -> Message:
@@ -162,13 +213,28 @@ class BodyGuard:
 
         async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start" and large and not body_done:
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", []), (b"connection", b"close")],
-                }
+                if declared <= DRAIN_MAX:  # includes chunked bodies (declared 0)
+                    await _drain(guarded_receive, lambda: body_done)
+                if not body_done:
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"connection", b"close")],
+                    }
             await send(message)
 
         await self.app(scope, guarded_receive, guarded_send)
+
+
+async def _drain(receive: Receive, done: Callable[[], bool]) -> None:
+    """Read and drop request body pieces until `done()`, within DRAIN_MAX bytes and the time bounds."""
+    dropped = 0
+    with anyio.move_on_after(DRAIN_SECONDS):
+        while not done() and dropped <= DRAIN_MAX:
+            with anyio.move_on_after(DRAIN_IDLE) as idle:
+                message = await receive()
+            if idle.cancelled_caught:
+                return  # the client stopped sending
+            dropped += len(message.get("body", b""))
 
 
 def _host_name(host_header: str) -> str | None:

@@ -49,13 +49,13 @@ log = logging.getLogger("helpers.serve")  # one logger for the whole server
 
 # Options that only tune how Ollama runs the model, not the answer: accepted, ignored.
 RUNTIME_OPTIONS = frozenset(
-    {
-        "num_keep", "num_batch", "num_gpu", "main_gpu", "num_thread", "numa", "low_vram",
-        "use_mmap", "use_mlock", "vocab_only", "f16_kv", "logits_all", "embedding_only",
+    (
+        "num_keep num_batch num_gpu main_gpu num_thread numa low_vram use_mmap use_mlock "
+        "vocab_only f16_kv logits_all embedding_only "
         # These tune penalties and mirostat, which must be off anyway (see below).
-        "repeat_last_n", "penalize_newline", "mirostat_eta", "mirostat_tau",
-    }
-)  # fmt: skip
+        "repeat_last_n penalize_newline mirostat_eta mirostat_tau"
+    ).split()
+)
 # Sampling options not implemented here, with the values that mean "not used".
 UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
     "top_p": (1,),

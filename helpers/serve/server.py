@@ -29,14 +29,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from helpers.config import resolve_model_name
+from helpers.prompts import PROMPT_STYLES
+from helpers.run.fields import (
+    add_dataclass_flags,
+    flag_values,
+    one_of,
+    optional,
+    setting,
+    text,
+    validate,
+)
 from helpers.runtime import describe_model
 from helpers.serve.app import build_app
 from helpers.serve.engine import ChatEngine
@@ -176,73 +188,77 @@ def load_served_model(
     return net, name, "alpaca"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.serve", description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="preset name, e.g. tiny or gpt2-medium (OpenAI weights)")
-    src.add_argument(
-        "--checkpoint", help="a .safetensors file written by helpers.weights.save_model"
+def _port(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535
+    return None if ok else f"must be a port number 0-65535, got {value!r}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    """What `python -m helpers.serve` serves, and where; validated. Fields with help are flags."""
+
+    model: str | None = setting(
+        None, "preset name, e.g. tiny or gpt2-medium (OpenAI weights)", optional(text)
     )
-    p.add_argument("--host", default=DEFAULT_HOST, help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument(
-        "--style", default=None, help="prompt style (default: the checkpoint's, else alpaca)"
+    checkpoint: str | None = setting(
+        None, "a .safetensors file written by helpers.weights.save_model", optional(text)
     )
-    p.add_argument(
-        "--allow-host",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="also accept this Host header name (repeatable; '*' accepts any); loopback "
-        "names are always accepted",
+    host: str = setting(DEFAULT_HOST, "address to listen on; 127.0.0.1 is this machine only", text)
+    port: int = setting(DEFAULT_PORT, "TCP port (0: any free one)", _port)
+    style: str | None = setting(
+        None,
+        "prompt style (default: the checkpoint's, else alpaca)",
+        optional(one_of(*PROMPT_STYLES)),
+        choices=tuple(PROMPT_STYLES),
     )
-    p.add_argument(
-        "--cors-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="let browser pages from this origin call the API, e.g. http://localhost:3000 "
-        "(repeatable; default: none)",
+    options: ServeOptions = field(default_factory=ServeOptions)  # HTTP limits and access
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if (self.model is None) == (self.checkpoint is None):
+            raise ValueError("give either a preset name (--model) or a checkpoint (--checkpoint)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options, generated from ServeSettings and ServeOptions."""
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.serve", description=__doc__.splitlines()[0]
     )
-    p.add_argument(
-        "--limit-concurrency",
-        type=int,
-        default=ServeOptions.limit_concurrency,
-        help="connections + requests at once before answering 503",
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=ServeOptions.request_timeout,
-        help="seconds a client has to send a request's head, and its body",
-    )
-    p.add_argument("--verbose", action="store_true", help="log every request")
-    return p
+    title = "model and address (ServeSettings; --model or --checkpoint is required)"
+    add_dataclass_flags(parser, ServeSettings, title)
+    add_dataclass_flags(parser, ServeOptions, "HTTP limits and access (ServeOptions)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The parsed flags as validated ServeSettings; ValueError if they do not fit together."""
+    options = ServeOptions(**flag_values(args, ServeOptions))
+    return ServeSettings(**flag_values(args, ServeSettings), options=options)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: load a preset or checkpoint and serve it until Ctrl-C."""
-    args = _parser().parse_args(argv)
-    options = ServeOptions(
-        allowed_hosts=tuple(args.allow_host),
-        cors_origins=tuple(args.cors_origin),
-        limit_concurrency=args.limit_concurrency,
-        request_timeout=args.request_timeout,
-        verbose=args.verbose,
-    )
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
-    model, name, style = load_served_model(args.model, args.checkpoint)
+    parser = build_parser()
+    try:
+        settings = settings_from_args(parser.parse_args(argv))
+    except ValueError as exc:
+        parser.error(str(exc))
+    verbose = settings.options.verbose
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    try:
+        model, name, style = load_served_model(settings.model, settings.checkpoint)
+    except (OSError, ValueError) as err:  # a missing or broken file: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     server = make_server(
         model,
         model_name=name,
-        host=args.host,
-        port=args.port,
-        style=args.style or style,
-        options=options,
+        host=settings.host,
+        port=settings.port,
+        style=settings.style or style,
+        options=settings.options,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             "warning: listening beyond this machine; the server has no authentication. "
             "Clients must use an allowed Host name (--allow-host)."

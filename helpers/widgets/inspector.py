@@ -2,7 +2,8 @@
 
 `token_rows` runs the real `collate_fn` on one example, so what you see is what training
 gets. `format_token_table` / `print_token_table` are the plain-text view, `token_table_html`
-the colour-coded one, and `TokenInspector` wraps it in ipywidgets controls.
+the colour-coded one, and `TokenInspector` puts ipywidgets controls above it (the table itself
+is a plain output that the controls redraw, so it renders everywhere: `helpers.widgets.live`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tiktoken
 from helpers.batching import IGNORE_INDEX, TokenizedExample, collate_fn, tokenize_example
 from helpers.prompts import PROMPT_STYLES
 from helpers.tokenizer import EOS_ID, decode
+from helpers.widgets.live import PlainView, note_output, show, widget_output
 
 # Role of a target token -> background colour (counted) in the HTML table.
 ROLE_COLOURS = {
@@ -152,33 +154,69 @@ def print_token_table(
     print(format_token_table(rows))
 
 
+# Inline styles, so the table looks the same in JupyterLab, an nbconvert export and GitHub:
+# padded cells that never run together, the natural width of each column (JupyterLab's own
+# table style is `table-layout: fixed`, centred), text left and numbers right.
+TABLE_STYLE = "border-collapse:collapse;font-size:12px;table-layout:auto;margin:0"
+TEXT_CELL = "padding:1px 10px 1px 4px;text-align:left;white-space:pre"
+NUMBER_CELL = "padding:1px 10px 1px 4px;text-align:right;white-space:nowrap"
+COLUMNS = [
+    ("pos", NUMBER_CELL),
+    ("input", TEXT_CELL),
+    ("id", NUMBER_CELL),
+    ("target", TEXT_CELL),
+    ("id", NUMBER_CELL),
+    ("role", TEXT_CELL),
+    ("loss", TEXT_CELL),
+]
+
+
+def _html_row(row: TokenRow) -> str:
+    colour = ROLE_COLOURS[row.role] if row.counted else IGNORED_COLOUR
+    style = f"background-color:{colour};" + ("" if row.counted else "color:#999;")
+    values = [
+        str(row.position),
+        f"<code>{html.escape(row.input_text)}</code>",
+        str(row.input_id),
+        f"<code>{html.escape(row.target_text)}</code>",
+        str(row.target_id),
+        row.role,
+        "✓" if row.counted else "-100",
+    ]
+    cells = "".join(
+        f"<td style='{cell}'>{value}</td>" for (_, cell), value in zip(COLUMNS, values, strict=True)
+    )
+    return f"<tr style='{style}'>{cells}</tr>"
+
+
 def token_table_html(rows: Sequence[TokenRow]) -> str:
     """Colour-coded HTML table: colour = role of the target, grey struck-out = ignored."""
-    cells = []
-    for r in rows:
-        colour = ROLE_COLOURS[r.role] if r.counted else IGNORED_COLOUR
-        style = f"background:{colour};" + ("" if r.counted else "color:#999;")
-        loss = "✓" if r.counted else "-100"
-        cells.append(
-            f"<tr style='{style}'><td>{r.position}</td>"
-            f"<td><code>{html.escape(r.input_text)}</code></td><td>{r.input_id}</td>"
-            f"<td><code>{html.escape(r.target_text)}</code></td><td>{r.target_id}</td>"
-            f"<td>{r.role}</td><td>{loss}</td></tr>"
-        )
     legend = " ".join(
-        f"<span style='background:{c};padding:0 4px'>{name}</span>"
+        f"<span style='background-color:{c};padding:0 4px'>{name}</span>"
         for name, c in [*ROLE_COLOURS.items(), ("ignored (-100)", IGNORED_COLOUR)]
     )
+    header = "".join(f"<th style='{cell}'>{name}</th>" for name, cell in COLUMNS)
     return (
         f"<div><p>{legend}</p><p>{html.escape(summarize_rows(rows))}</p>"
-        "<table style='border-collapse:collapse;font-size:12px'>"
-        "<tr><th>pos</th><th>input</th><th>id</th><th>target</th><th>id</th>"
-        "<th>role</th><th>loss</th></tr>" + "".join(cells) + "</table></div>"
+        f"<table style='{TABLE_STYLE}'><tr>{header}</tr>"
+        + "".join(_html_row(r) for r in rows)
+        + "</table></div>"
     )
+
+
+INSPECTOR_NOTE = (
+    "the controls respond once you run this cell; until then the table below shows the "
+    "state saved with the notebook."
+)
 
 
 class TokenInspector:
-    """ipywidgets inspector: example slider, style, prompt masking, max length, extra padding."""
+    """ipywidgets inspector: example slider, style, prompt masking, max length, extra padding.
+
+    Displayed, it is three outputs (see `helpers.widgets.live`): a one-line note, the
+    controls, and the table as plain HTML and text, which the controls redraw while the
+    kernel runs and which renders wherever the notebook is shown.
+    """
 
     def __init__(
         self,
@@ -201,21 +239,26 @@ class TokenInspector:
             value=index, min=0, max=len(self.data) - 1, description="example"
         )
         self.style = widgets.Dropdown(options=list(PROMPT_STYLES), value=style, description="style")
-        self.mask_prompt = widgets.Checkbox(value=mask_prompt, description="mask prompt")
+        self.mask_prompt = widgets.Checkbox(
+            value=mask_prompt, description="mask prompt", layout=widgets.Layout(width="auto")
+        )
         self.max_length = widgets.IntSlider(
             value=max_length, min=0, max=256, description="max len", tooltip="0 = no truncation"
         )
         self.extra_padding = widgets.IntSlider(
             value=extra_padding, min=0, max=8, description="padding"
         )
-        self.output = widgets.HTML()
         controls = [self.index, self.style, self.mask_prompt, self.max_length, self.extra_padding]
         for control in controls:
             control.observe(lambda _change: self.refresh(), names="value")
+        wrap = {"flex_flow": "row wrap"}  # narrow output areas: controls wrap, never overflow
         self.widget = widgets.VBox(
-            [widgets.HBox(controls[:3]), widgets.HBox(controls[3:]), self.output]
+            [
+                widgets.HBox(controls[:3], layout=widgets.Layout(**wrap)),
+                widgets.HBox(controls[3:], layout=widgets.Layout(**wrap)),
+            ]
         )
-        self.refresh()
+        self.view = PlainView(lambda: (self.html(), self.text()))
 
     def rows(self) -> list[TokenRow]:
         """Rows for the current control values."""
@@ -228,16 +271,27 @@ class TokenInspector:
             tokenizer=self.tokenizer,
         )
 
+    def settings(self) -> str:
+        """One line: which example, and the control values the table is drawn with."""
+        max_length = self.max_length.value
+        return (
+            f"example {self.index.value} of {len(self.data)} · style {self.style.value} · "
+            f"prompt {'masked' if self.mask_prompt.value else 'counted'} · "
+            f"max len {max_length if max_length else 'none'} · "
+            f"padding +{self.extra_padding.value}"
+        )
+
     def refresh(self) -> None:
-        """Redraw the table from the current control values."""
-        self.output.value = token_table_html(self.rows())
+        """Redraw the table from the current control values (wherever it is shown)."""
+        self.view.refresh()
 
     def text(self) -> str:
-        """The current table as plain text (what a front end without widgets can show)."""
-        return format_token_table(self.rows())
+        """The settings line and the table as plain text (the fallback without HTML)."""
+        return f"{self.settings()}\n{format_token_table(self.rows())}"
 
-    def _repr_mimebundle_(self, **kwargs: object) -> dict:
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        # Without a widget front end (nbconvert, GitHub) show the table as text instead.
-        bundle["text/plain"] = self.text()
-        return bundle
+    def html(self) -> str:
+        """The settings line and the colour-coded table, as static HTML."""
+        return f"<p><b>{html.escape(self.settings())}</b></p>{token_table_html(self.rows())}"
+
+    def _ipython_display_(self) -> None:
+        show(note_output(INSPECTOR_NOTE), widget_output(self.widget, self.settings()), self.view)

@@ -1,13 +1,14 @@
 """Progress bars for the course: `from helpers.widgets.progress import tqdm`, a drop-in for tqdm.auto.
 
-In a Jupyter kernel, `tqdm` is `NotebookTqdm`: tqdm's widget bar, which also keeps the saved
-notebook readable where widgets don't run (GitHub, nbviewer, an untrusted notebook). tqdm's own
-notebook bar stores the text fallback it had when it was displayed, so a committed notebook
-shows "fine-tuning:   0%|          | 0/24" forever. `NotebookTqdm` displays its widget under a
-display id and, when the bar closes, replaces that output with the same widget view plus the
-bar's final text ("fine-tuning: 100%|██████████| 24/24 [00:41<00:00, ...]"), and the saved
-widget state (`--ExecutePreprocessor.store_widget_state=True`) holds the final bar too. The widget
-is the bar's only output: nothing goes to stderr. `tqdm.write` prints to stdout unless told
+In a Jupyter kernel, `tqdm` is `NotebookTqdm`: tqdm's widget bar while it runs, which leaves a
+plain output behind once it closes. tqdm's own notebook bar stores the text it had when it was
+displayed, so a committed notebook shows "fine-tuning:   0%|          | 0/24" forever; and a
+saved notebook's widget view is drawn only by JavaScript (nbconvert's HTML export picks it over
+any text beside it: offline, and on GitHub, an empty `Out[N]:`). `NotebookTqdm` displays its
+widget under a display id and, when the bar closes, replaces that output with the bar's final
+state as plain `text/plain` ("fine-tuning: 100%|██████████| 24/24 [00:41<00:00, ...]") and
+`text/html` (the same bar, drawn in HTML), then closes its widgets. The widget is the bar's only
+output while it runs: nothing goes to stderr. `tqdm.write` prints to stdout unless told
 otherwise.
 
 Anywhere else (a terminal, scripts, the tests) `tqdm` is tqdm.std's text bar, as tqdm.auto
@@ -22,8 +23,6 @@ from typing import Any
 
 from tqdm.notebook import IProgress, tqdm_notebook
 from tqdm.std import tqdm as std_tqdm
-
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def in_jupyter_kernel() -> bool:
@@ -41,12 +40,17 @@ def in_jupyter_kernel() -> bool:
     return "qt" not in kind and "spyder" not in kind
 
 
+# The finished bar's colour by tqdm's bar_style, as JupyterLab draws the widget's.
+BAR_COLOURS = {"success": "#4caf50", "danger": "#f44336", "": "#2196f3", "info": "#2196f3"}
+
+
 class NotebookTqdm(tqdm_notebook):
-    """tqdm's notebook widget bar whose saved output shows its final state.
+    """tqdm's notebook widget bar whose saved output shows its final state without the widget.
 
     Takes every `tqdm` argument. The widget is displayed under a display id; `close()` (which
-    tqdm calls at the end of a `for` loop) updates that output to the widget view plus the
-    final bar as `text/plain`, or to an empty text when the bar goes away (`leave=False`).
+    tqdm calls at the end of a `for` loop) updates that output to the final bar as
+    `text/plain` and `text/html`, or to an empty text when the bar goes away (`leave=False`),
+    and closes the bar's widgets.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -79,9 +83,8 @@ class NotebookTqdm(tqdm_notebook):
         if self.disable:
             return
         super().close()
-        if not self._kept():
-            self._discard_widgets()
         self._store_final_state()
+        self._discard_widgets()  # the output no longer shows them
 
     def _kept(self) -> bool:
         """Whether the closed bar stays on screen: finished with `leave`, or stopped early."""
@@ -89,24 +92,29 @@ class NotebookTqdm(tqdm_notebook):
         return bool(failed or self.leave)
 
     def _discard_widgets(self) -> None:
-        """Close the hidden bar's widgets too, so that no saved widget state keeps them."""
+        """Close the bar's widgets, so that the kernel and the front end can let them go."""
         for widget in (*self.container.children, self.container):
             for part in (getattr(widget, "style", None), getattr(widget, "layout", None), widget):
                 if part is not None:
                     part.close()
 
+    def final_html(self) -> str:
+        """The bar's last frame as HTML: left text, the bar in its final colour, right text."""
+        left, bar, right = self.container.children  # tqdm's texts are HTML-escaped already
+        done = min(max(bar.value / bar.max, 0.0), 1.0) if bar.max else 1.0
+        colour = BAR_COLOURS.get(bar.bar_style, BAR_COLOURS[""])
+        box = "display:inline-block;height:0.9em;vertical-align:middle"
+        return (
+            f"<div>{left.value} <span style='{box};width:14em;background-color:#e0e0e0'>"
+            f"<span style='{box};width:{100 * done:.1f}%;background-color:{colour}'></span>"
+            f"</span> {right.value}</div>"
+        )
+
     def final_bundle(self) -> dict[str, Any]:
-        """What the bar's output holds once closed: a raw MIME bundle."""
+        """What the bar's output holds once closed: a raw MIME bundle without the widget view."""
         if not self._kept():  # tqdm hid the widget: leave an empty output
             return {"text/plain": ""}
-        return {
-            "text/plain": str(self),
-            WIDGET_VIEW: {
-                "version_major": 2,
-                "version_minor": 0,
-                "model_id": self.container.model_id,
-            },
-        }
+        return {"text/plain": str(self), "text/html": self.final_html()}
 
     def _store_final_state(self) -> None:
         handle = getattr(self, "_handle", None)

@@ -23,7 +23,7 @@ from helpers.tokenizer import encode
 PAD = 0
 
 
-def test_collate_pads_to_one_width_and_masks_prompt_and_padding():
+def test_collate_pads_to_one_width_and_masks_prompt_and_padding() -> None:
     batch = [
         PairExample(prompt=[5, 6], chosen=[5, 6, 7, 8], rejected=[5, 6, 9]),
         PairExample(prompt=[1, 2, 3], chosen=[1, 2, 3, 4, 4], rejected=[1, 2, 3, 7]),
@@ -45,7 +45,7 @@ def test_collate_pads_to_one_width_and_masks_prompt_and_padding():
     assert torch.equal(cut["rejected_mask"], torch.tensor([[F, F, T], [F, F, F]]))
 
 
-def test_collate_warns_when_truncation_leaves_no_answer_and_rejects_bad_items():
+def test_collate_warns_when_truncation_leaves_no_answer_and_rejects_bad_items() -> None:
     batch = [PairExample(prompt=[1, 2, 3], chosen=[1, 2, 3, 4], rejected=[1, 2, 3, 5])]
     with pytest.warns(UserWarning, match="no (chosen|rejected) answer token left") as caught:
         collate_pairs(batch, allowed_max_length=3)
@@ -56,7 +56,7 @@ def test_collate_warns_when_truncation_leaves_no_answer_and_rejects_bad_items():
         collate_pairs([PairExample([1, 2, 3], [1, 2], [1, 2, 3, 4])])
 
 
-def test_tokenize_pair_shares_the_inference_prompt():
+def test_tokenize_pair_shares_the_inference_prompt() -> None:
     entry = {"instruction": "Name a color.", "input": "", "chosen": "Blue.", "rejected": "No."}
     ex = tokenize_pair(entry)
     assert ex.prompt == encode(format_prompt(entry))
@@ -64,7 +64,7 @@ def test_tokenize_pair_shares_the_inference_prompt():
     assert PreferenceDataset([entry])[0] == ex
 
 
-def test_sequence_logprobs_by_hand():
+def test_sequence_logprobs_by_hand() -> None:
     # Vocabulary of 3; logits chosen so the log-softmax values are easy to write down.
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]]))
     labels = torch.tensor([[2, 1, 2]])  # position 0 predicts token 1 (label 1), 1 predicts 2
@@ -78,7 +78,7 @@ def test_sequence_logprobs_by_hand():
     assert sequence_logprobs(logits, labels, none).item() == 0.0
 
 
-def test_dpo_loss_equals_the_hand_computed_formula():
+def test_dpo_loss_equals_the_hand_computed_formula() -> None:
     pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5])
     rc, rr = torch.tensor([-1.5, -2.5]), torch.tensor([-2.0, -1.0])
     beta = 0.5
@@ -93,10 +93,11 @@ def test_dpo_loss_equals_the_hand_computed_formula():
     assert loss.item() == pytest.approx(math.log(2)) and cr.item() == 0.0 and rr_.item() == 0.0
 
 
-def test_loss_gradient_reaches_the_policy_only():
+def test_loss_gradient_reaches_the_policy_only() -> None:
     pc = torch.tensor([-1.0], requires_grad=True)
     pr = torch.tensor([-1.0], requires_grad=True)
     loss, cr, rr = compute_dpo_loss(pc, pr, torch.tensor([-1.0]), torch.tensor([-1.0]))
     loss.backward()
+    assert pc.grad is not None and pr.grad is not None
     assert pc.grad.item() < 0 < pr.grad.item()  # raise chosen, lower rejected
     assert not cr.requires_grad and not rr.requires_grad

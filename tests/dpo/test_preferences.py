@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,11 +38,11 @@ from helpers.review.judge import ollama_client, openai_client
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 
 
-def _entry(i: int, **extra: str) -> dict:
+def _entry(i: int, **extra: Any) -> dict[str, Any]:
     return {"instruction": f"Say {i}.", "input": "", "output": f"The answer is {i}.", **extra}
 
 
-def _pair(i: int) -> dict:
+def _pair(i: int) -> dict[str, Any]:
     return _entry(i, chosen=f"Certainly! {i}.", rejected=f"Whatever, {i}.")
 
 
@@ -54,7 +56,9 @@ def preference_path() -> Path:
     return path
 
 
-def test_the_books_file_loads_and_matches_its_checksum(preference_path, monkeypatch):
+def test_the_books_file_loads_and_matches_its_checksum(
+    preference_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from helpers.data import sha256_of
 
     assert sha256_of(preference_path) == PREFERENCES_SHA256
@@ -64,7 +68,7 @@ def test_the_books_file_loads_and_matches_its_checksum(preference_path, monkeypa
     assert all(e["chosen"].strip() and e["rejected"].strip() for e in entries)
 
 
-def test_missing_and_empty_answers_name_file_entry_and_field(tmp_path):
+def test_missing_and_empty_answers_name_file_entry_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "prefs.json"
     bad.write_text(json.dumps([_pair(0), _entry(1, chosen="yes")]))
     with pytest.raises(
@@ -86,7 +90,7 @@ def test_missing_and_empty_answers_name_file_entry_and_field(tmp_path):
     assert issubclass(PreferenceDataError, DatasetError)
 
 
-def test_save_then_load_round_trips_json_and_jsonl(tmp_path):
+def test_save_then_load_round_trips_json_and_jsonl(tmp_path: Path) -> None:
     pairs = [_pair(i) for i in range(3)]
     path = save_preferences(pairs, tmp_path / "out" / "p.json")
     assert load_preferences(path) == pairs
@@ -96,7 +100,7 @@ def test_save_then_load_round_trips_json_and_jsonl(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name != "p.json"]  # no temp files left
 
 
-def test_rule_based_pairs_are_deterministic_and_labelled_synthetic():
+def test_rule_based_pairs_are_deterministic_and_labelled_synthetic() -> None:
     entries = [_entry(i) for i in range(20)]
     pairs = generate_preferences(entries, progress=False)
     assert pairs == generate_preferences(list(reversed(entries)), progress=False)[::-1]
@@ -117,7 +121,7 @@ def test_rule_based_pairs_are_deterministic_and_labelled_synthetic():
     ]
 
 
-def test_clean_reply_and_prompt():
+def test_clean_reply_and_prompt() -> None:
     assert clean_reply('  "Sure, here it is."\n') == "Sure, here it is."
     assert clean_reply("`x`") == "x"
     prompt = rewrite_prompt(_entry(3), "impolite")
@@ -131,10 +135,10 @@ class _FakeLLM(BaseHTTPRequestHandler):
     calls: list[str] = []
     fail_after: int | None = None
 
-    def log_message(self, *args):  # keep test output quiet
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
         pass
 
-    def do_GET(self):  # noqa: N802 (http.server's naming): the clients' "is it up?" check
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming): the clients' "is it up?" check
         data = json.dumps({"models": [], "data": []}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -142,7 +146,7 @@ class _FakeLLM(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self):  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
         if _FakeLLM.fail_after is not None and len(_FakeLLM.calls) >= _FakeLLM.fail_after:
@@ -167,7 +171,7 @@ class _FakeLLM(BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def fake_llm():
+def fake_llm() -> Iterator[str]:
     _FakeLLM.calls = []
     _FakeLLM.fail_after = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeLLM)
@@ -179,7 +183,9 @@ def fake_llm():
 
 
 @pytest.mark.parametrize("api", ["ollama", "openai"])
-def test_llm_rewrites_through_the_judge_client_are_cached_and_resume(fake_llm, tmp_path, api):
+def test_llm_rewrites_through_the_judge_client_are_cached_and_resume(
+    fake_llm: str, tmp_path: Path, api: str
+) -> None:
     if api == "ollama":
         client = ollama_client("llama3", base_url=fake_llm, retries=0)
     else:
@@ -220,7 +226,7 @@ def test_llm_rewrites_through_the_judge_client_are_cached_and_resume(fake_llm, t
     assert load_preferences(tmp_path / "prefs.json") == pairs
 
 
-def test_empty_rewrites_are_left_out_with_a_warning(tmp_path):
+def test_empty_rewrites_are_left_out_with_a_warning(tmp_path: Path) -> None:
     class Blank:
         model = "blank"
 
@@ -236,13 +242,15 @@ def test_empty_rewrites_are_left_out_with_a_warning(tmp_path):
     assert len(read_rewrite_cache(cache)) == 2  # the empty one is asked again next time
 
 
-def test_politeness_choice_depends_on_the_entry_not_its_position():
+def test_politeness_choice_depends_on_the_entry_not_its_position() -> None:
     e = _entry(5)
     assert choose_politeness(e) == choose_politeness(dict(e))
     assert choose_politeness(e) in ("polite", "impolite")
 
 
-def test_command_line_offline_and_against_a_server(fake_llm, chapter_data_path, tmp_path, capsys):
+def test_command_line_offline_and_against_a_server(
+    fake_llm: str, chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from helpers.dpo.generate_pairs import main
 
     out = tmp_path / "pairs.json"
@@ -269,3 +277,99 @@ def test_command_line_offline_and_against_a_server(fake_llm, chapter_data_path, 
     assert main([*args, "--url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+# --- pairs that teach nothing, and the command line's bad paths ----------------------------
+
+
+def test_identical_chosen_and_rejected_is_refused_naming_the_entry(tmp_path: Path) -> None:
+    from helpers.dpo.preferences import IdenticalPreferenceError
+
+    pairs = [_pair(0), _pair(1), _entry(2, chosen="Same answer.", rejected=" Same answer.\n")]
+    with pytest.raises(
+        IdenticalPreferenceError, match=r"x\.json: entry 2: 'chosen' and 'rejected'"
+    ):
+        validate_preferences(pairs, "x.json")
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(pairs))
+    with pytest.raises(IdenticalPreferenceError, match=r"prefs\.json: entry 2"):
+        load_preferences(path)
+    with pytest.raises(IdenticalPreferenceError):
+        save_preferences(pairs, tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+    assert len(validate_preferences(pairs, "x.json", allow_identical=True)) == 3
+
+
+def test_the_books_own_identical_pairs_are_kept(preference_path: Path, tmp_path: Path) -> None:
+    # The book's file has six such pairs; they stay, so its splits and losses stay the book's.
+    from helpers.dpo.preferences import BOOK_IDENTICAL_PAIRS
+
+    entries = load_preferences(preference_path)
+    same = [i for i, e in enumerate(entries) if e["chosen"].strip() == e["rejected"].strip()]
+    assert same == list(BOOK_IDENTICAL_PAIRS)
+    edited = tmp_path / "edited.json"  # any other file with such pairs is refused
+    edited.write_text(json.dumps(entries[:200]))
+    with pytest.raises(PreferenceDataError, match=r"edited\.json: entry 122"):
+        load_preferences(edited)
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "x"])
+def test_generate_pairs_rejects_a_non_positive_limit(
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    from helpers.dpo.generate_pairs import main
+
+    out = tmp_path / "pairs.json"
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["--data", str(chapter_data_path), "--offline", "--limit", limit, "--output", str(out)]
+        )
+    assert info.value.code == 2 and "argument --limit" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_generate_pairs_bad_output_and_cache_paths_are_one_line(
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers.dpo.generate_pairs import main
+
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(bytes(range(128, 256)) * 8)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    good = str(tmp_path / "pairs.json")
+    cases = {
+        (str(folder),): str(folder),
+        (good, "--cache", str(folder)): str(folder),
+        (good, "--cache", str(garbage)): str(garbage),
+        (str(a_file / "pairs.json"),): str(a_file / "pairs.json"),
+        ("bad\x00name.json",): "bad",
+    }
+    for (output, *extra), named in cases.items():
+        args = ["--data", str(chapter_data_path), "--offline", "--quiet", "--limit", "3"]
+        assert main([*args, "--output", output, *extra]) == 2, (output, extra)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and named in err, err
+        assert "--output" in err or "--cache" in err, err
+    assert not (tmp_path / "pairs.json").exists()
+    assert garbage.read_bytes() == bytes(range(128, 256)) * 8  # left as it was
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_generate_pairs_read_only_folder_is_found_before_any_work(
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers.dpo.generate_pairs import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        args = ["--data", str(chapter_data_path), "--offline", "--quiet", "--limit", "3"]
+        assert main([*args, "--output", str(locked / "pairs.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --output") and "not writable" in err
+    finally:
+        locked.chmod(0o755)

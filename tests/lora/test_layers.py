@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from helpers.config import get_config
+from helpers.config import GPTConfig, get_config
 from helpers.lora.adapters import (
     LORA_FORMAT,
     LoRAAdapterError,
@@ -20,6 +23,7 @@ from helpers.lora.adapters import (
 )
 from helpers.lora.layers import (
     LinearWithLoRA,
+    LoRAConfig,
     LoRALayer,
     apply_lora,
     count_parameters,
@@ -35,13 +39,13 @@ VOCAB = 1000  # small vocabulary: LoRA never touches the embeddings, and tests s
 
 
 @pytest.fixture()
-def cfg():
+def cfg() -> GPTConfig:
     return get_config(
         "tiny", vocab_size=VOCAB, context_length=64, emb_dim=32, n_heads=2, n_layers=2
     )
 
 
-def make_model(cfg, seed: int = 0) -> GPTModel:
+def make_model(cfg: GPTConfig, seed: int = 0) -> GPTModel:
     torch.manual_seed(seed)
     return GPTModel(cfg).eval()
 
@@ -67,7 +71,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # --- layers ---------------------------------------------------------------------------------
 
 
-def test_lora_layer_init_and_book_scaling():
+def test_lora_layer_init_and_book_scaling() -> None:
     torch.manual_seed(0)
     layer = LoRALayer(8, 6, rank=4, alpha=16)
     assert layer.A.shape == (8, 4) and layer.B.shape == (4, 6)
@@ -82,7 +86,7 @@ def test_lora_layer_init_and_book_scaling():
     torch.testing.assert_close(layer(x), 16 * (x @ layer.A @ layer.B))
 
 
-def test_rank_scaled_is_the_papers_alpha_over_rank():
+def test_rank_scaled_is_the_papers_alpha_over_rank() -> None:
     layer = LoRALayer(8, 6, rank=4, alpha=16, rank_scaled=True)
     with torch.no_grad():
         layer.B.normal_()
@@ -92,12 +96,12 @@ def test_rank_scaled_is_the_papers_alpha_over_rank():
 
 
 @pytest.mark.parametrize("rank, alpha", [(0, 8), (-1, 8), (2.0, 8), (True, 8), (4, 0), (4, -1)])
-def test_bad_rank_or_alpha_is_rejected(rank, alpha):
+def test_bad_rank_or_alpha_is_rejected(rank: Any, alpha: int) -> None:
     with pytest.raises(ValueError, match="rank|alpha"):
         LoRALayer(8, 6, rank, alpha)
 
 
-def test_linear_with_lora_adds_the_update():
+def test_linear_with_lora_adds_the_update() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(8, 6)
     wrapped = LinearWithLoRA(linear, rank=2, alpha=3)
@@ -112,22 +116,22 @@ def test_linear_with_lora_adds_the_update():
 # --- apply_lora, counts ---------------------------------------------------------------------
 
 
-def test_apply_lora_keeps_logits_and_wraps_only_attn_and_mlp(cfg):
+def test_apply_lora_keeps_logits_and_wraps_only_attn_and_mlp(cfg: GPTConfig) -> None:
     model = make_model(cfg)
     x = ids()
     before = logits(model, x)
     assert apply_lora(model, rank=4, alpha=8) is model
     torch.testing.assert_close(logits(model, x), before, atol=0, rtol=0)  # B = 0
     for block in model.h:
-        for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            assert isinstance(linear, LinearWithLoRA)
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            assert isinstance(block.get_submodule(name), LinearWithLoRA)
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.wte.weight
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".lora.A", ".lora.B")) for n in trainable)
     assert not model.wte.weight.requires_grad and not model.ln_f.weight.requires_grad
 
 
-def test_trainable_count_matches_the_formula(cfg):
+def test_trainable_count_matches_the_formula(cfg: GPTConfig) -> None:
     model = make_model(cfg)
     trainable, total = count_parameters(model)
     assert trainable == total == sum(p.numel() for p in model.parameters())
@@ -139,7 +143,7 @@ def test_trainable_count_matches_the_formula(cfg):
     assert count_parameters(model) == (expected, total + expected)
 
 
-def test_trainable_count_for_gpt2_small_shapes():
+def test_trainable_count_for_gpt2_small_shapes() -> None:
     # Shapes only (meta device): the 124M model with the book's rank 16.
     with torch.device("meta"):
         model = GPTModel(get_config("gpt2-small (124M)"))
@@ -149,30 +153,60 @@ def test_trainable_count_for_gpt2_small_shapes():
     assert total == 124_439_808 + trainable
 
 
-def test_targets_select_linears(cfg):
+def test_targets_select_linears(cfg: GPTConfig) -> None:
     model = apply_lora(make_model(cfg), rank=2, alpha=2, targets=("attn.c_attn", "mlp"))
     block = model.h[0]
-    assert isinstance(block.attn.c_attn, LinearWithLoRA)
-    assert isinstance(block.attn.c_proj, nn.Linear)
-    assert isinstance(block.mlp.c_fc, LinearWithLoRA)
-    assert lora_settings(model) == {
-        "rank": 2,
-        "alpha": 2,
-        "rank_scaled": False,
-        "targets": ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"],
-    }
+    assert isinstance(block.get_submodule("attn.c_attn"), LinearWithLoRA)
+    assert isinstance(block.get_submodule("attn.c_proj"), nn.Linear)
+    assert isinstance(block.get_submodule("mlp.c_fc"), LinearWithLoRA)
+    settings = lora_settings(model)
+    assert settings == LoRAConfig(
+        rank=2, alpha=2, targets=("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
+    )
+    assert settings is not None and settings.targets == ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
     assert lora_settings(make_model(cfg)) is None
     with pytest.raises(ValueError, match="Unknown LoRA target 'ffn'"):
         apply_lora(make_model(cfg), rank=2, alpha=2, targets=("ffn",))
 
 
-def test_apply_twice_is_refused(cfg):
+def test_lora_config_is_validated_once_and_names_linears(cfg: GPTConfig) -> None:
+    book = LoRAConfig(rank=16, alpha=16)
+    assert book.targets == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert book == LoRAConfig(rank=16, alpha=16.0, targets=["mlp", "attn", "mlp.c_fc"])
+    assert LoRAConfig(rank=2, alpha=1, targets="attn").targets == ("attn.c_attn", "attn.c_proj")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"rank": 0}, "LoRAConfig.rank must be > 0"),
+        ({"rank": 2.0}, "LoRAConfig.rank must be an integer"),
+        ({"alpha": float("inf")}, "LoRAConfig.alpha must be > 0"),
+        ({"targets": ()}, "LoRAConfig.targets must name LoRA targets: LoRA needs at least one"),
+        ({"targets": ("head",)}, "Unknown LoRA target 'head'"),
+        ({"rank_scaled": "yes"}, "LoRAConfig.rank_scaled must be True or False"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            LoRAConfig(**{"rank": 4, "alpha": 8, **bad})
+    with pytest.raises(FrozenInstanceError):
+        book.rank = 8  # type: ignore[misc]
+    # apply() is apply_lora with the settings already checked: the same layers.
+    x = ids()
+    one, two = make_model(cfg), make_model(cfg)
+    torch.manual_seed(5)
+    LoRAConfig(rank=2, alpha=4, targets="mlp").apply(one)
+    torch.manual_seed(5)
+    apply_lora(two, rank=2, alpha=4, targets="mlp")
+    randomize_b(one)
+    randomize_b(two)
+    torch.testing.assert_close(logits(one, x), logits(two, x), atol=0, rtol=0)
+    assert lora_settings(one) == lora_settings(two) == LoRAConfig(rank=2, alpha=4, targets="mlp")
+
+
+def test_apply_twice_is_refused(cfg: GPTConfig) -> None:
     model = apply_lora(make_model(cfg), rank=2, alpha=2)
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, rank=2, alpha=2)
 
 
-def test_parameter_report(cfg):
+def test_parameter_report(cfg: GPTConfig) -> None:
     model = make_model(cfg)
     _, total = count_parameters(model)
     apply_lora(model, rank=4, alpha=8)
@@ -188,7 +222,7 @@ def test_parameter_report(cfg):
 
 
 @pytest.mark.parametrize("rank_scaled", [False, True])
-def test_merge_gives_identical_logits(cfg, rank_scaled):
+def test_merge_gives_identical_logits(cfg: GPTConfig, rank_scaled: bool) -> None:
     model = apply_lora(make_model(cfg), rank=4, alpha=8, rank_scaled=rank_scaled)
     randomize_b(model)
     x = ids()
@@ -201,7 +235,7 @@ def test_merge_gives_identical_logits(cfg, rank_scaled):
     torch.testing.assert_close(logits(model, x), unmerged, atol=1e-5, rtol=0)
 
 
-def test_merged_model_saves_and_loads_as_a_plain_checkpoint(cfg, tmp_path):
+def test_merged_model_saves_and_loads_as_a_plain_checkpoint(cfg: GPTConfig, tmp_path: Path) -> None:
     model = apply_lora(make_model(cfg), rank=4, alpha=8)
     randomize_b(model)
     x = ids()
@@ -214,7 +248,7 @@ def test_merged_model_saves_and_loads_as_a_plain_checkpoint(cfg, tmp_path):
 # --- adapter files --------------------------------------------------------------------------
 
 
-def test_adapter_round_trip(cfg, tmp_path):
+def test_adapter_round_trip(cfg: GPTConfig, tmp_path: Path) -> None:
     model = apply_lora(make_model(cfg), rank=4, alpha=8)
     randomize_b(model)
     x = ids()
@@ -243,22 +277,19 @@ def test_adapter_round_trip(cfg, tmp_path):
     torch.testing.assert_close(logits(load_lora_adapters(again, path), x), expected)
 
 
-def test_adapter_file_keeps_rank_scaled_and_targets(cfg, tmp_path):
+def test_adapter_file_keeps_rank_scaled_and_targets(cfg: GPTConfig, tmp_path: Path) -> None:
     model = apply_lora(make_model(cfg), rank=2, alpha=4, targets="attn", rank_scaled=True)
     randomize_b(model)
     save_lora_adapters(model, tmp_path / "a.safetensors")
     fresh = load_lora_adapters(make_model(cfg), tmp_path / "a.safetensors")
-    assert lora_settings(fresh) == {
-        "rank": 2,
-        "alpha": 4,
-        "rank_scaled": True,
-        "targets": ["attn.c_attn", "attn.c_proj"],
-    }
+    assert lora_settings(fresh) == LoRAConfig(
+        rank=2, alpha=4, targets=("attn.c_attn", "attn.c_proj"), rank_scaled=True
+    )
     x = ids()
     torch.testing.assert_close(logits(fresh, x), logits(model, x), atol=0, rtol=0)
 
 
-def test_save_checks_the_model_and_given_settings(cfg, tmp_path):
+def test_save_checks_the_model_and_given_settings(cfg: GPTConfig, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_lora_adapters(make_model(cfg), tmp_path / "a.safetensors")
     model = apply_lora(make_model(cfg), rank=4, alpha=8)
@@ -269,20 +300,20 @@ def test_save_checks_the_model_and_given_settings(cfg, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _one_line(err: pytest.ExceptionInfo, path) -> str:
+def _one_line(err: pytest.ExceptionInfo[BaseException], path: Path) -> str:
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg
     return msg
 
 
-def test_missing_file_error(cfg, tmp_path):
+def test_missing_file_error(cfg: GPTConfig, tmp_path: Path) -> None:
     path = tmp_path / "nope.safetensors"
     with pytest.raises(LoRAAdapterError) as err:
         load_lora_adapters(make_model(cfg), path)
     assert "No LoRA adapter file" in _one_line(err, path)
 
 
-def test_full_checkpoint_is_not_an_adapter_file(cfg, tmp_path):
+def test_full_checkpoint_is_not_an_adapter_file(cfg: GPTConfig, tmp_path: Path) -> None:
     path = save_model(make_model(cfg), tmp_path / "model.safetensors")
     model = make_model(cfg)
     with pytest.raises(LoRAAdapterError) as err:
@@ -291,7 +322,7 @@ def test_full_checkpoint_is_not_an_adapter_file(cfg, tmp_path):
     assert lora_settings(model) is None  # untouched
 
 
-def test_non_safetensors_file_error(cfg, tmp_path):
+def test_non_safetensors_file_error(cfg: GPTConfig, tmp_path: Path) -> None:
     path = tmp_path / "notes.safetensors"
     path.write_text("hello, not a tensor file\n")
     with pytest.raises(LoRAAdapterError) as err:
@@ -299,7 +330,7 @@ def test_non_safetensors_file_error(cfg, tmp_path):
     assert "is not a LoRA adapter file" in _one_line(err, path)
 
 
-def test_bad_metadata_error(cfg, tmp_path):
+def test_bad_metadata_error(cfg: GPTConfig, tmp_path: Path) -> None:
     path = tmp_path / "bad.safetensors"
     meta = {"lora_format": LORA_FORMAT, "rank": "0", "alpha": "1", "rank_scaled": "false"}
     save_file({"x": torch.zeros(1)}, str(path), metadata={**meta, "targets": '["attn"]'})
@@ -308,7 +339,7 @@ def test_bad_metadata_error(cfg, tmp_path):
     assert "invalid LoRA metadata" in _one_line(err, path)
 
 
-def test_shape_mismatch_error_leaves_the_model_untouched(cfg, tmp_path):
+def test_shape_mismatch_error_leaves_the_model_untouched(cfg: GPTConfig, tmp_path: Path) -> None:
     path = tmp_path / "wide.safetensors"
     wide = get_config("tiny", vocab_size=VOCAB, context_length=64, emb_dim=64, n_layers=2)
     save_lora_adapters(apply_lora(make_model(wide), rank=4, alpha=8), path)
@@ -321,7 +352,7 @@ def test_shape_mismatch_error_leaves_the_model_untouched(cfg, tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_layer_count_mismatch_error(cfg, tmp_path):
+def test_layer_count_mismatch_error(cfg: GPTConfig, tmp_path: Path) -> None:
     path = tmp_path / "deep.safetensors"
     deep = get_config("tiny", vocab_size=VOCAB, context_length=64, emb_dim=32, n_layers=3)
     save_lora_adapters(apply_lora(make_model(deep), rank=4, alpha=8), path)
@@ -330,7 +361,7 @@ def test_layer_count_mismatch_error(cfg, tmp_path):
     assert "unexpected tensor 'h.2.attn.c_attn.lora.A'" in _one_line(err, path)
 
 
-def test_different_existing_lora_is_refused(cfg, tmp_path):
+def test_different_existing_lora_is_refused(cfg: GPTConfig, tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
     save_lora_adapters(apply_lora(make_model(cfg), rank=4, alpha=8), path)
     with pytest.raises(LoRAAdapterError) as err:
@@ -342,7 +373,7 @@ def test_different_existing_lora_is_refused(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("only_trainable", [True, False])
-def test_training_changes_only_lora_weights(cfg, only_trainable):
+def test_training_changes_only_lora_weights(cfg: GPTConfig, only_trainable: bool) -> None:
     model = apply_lora(make_model(cfg), rank=4, alpha=8)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

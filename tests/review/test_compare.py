@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,14 +17,16 @@ from helpers.review.compare import (
 )
 from helpers.review.ratings import RatingStore, agreement, cohen_kappa, merge_reviews
 from helpers.review.responses import entry_id
+from helpers.widgets.live import WIDGET_VIEW
+from tests.widgets.fakes import capture_displays
 
 
 @pytest.fixture(scope="module")
-def entries(responses_path):
+def entries(responses_path: Path) -> list[dict[str, Any]]:
     return json.loads(responses_path.read_text())
 
 
-def test_review_frame_and_differs_filter(entries):
+def test_review_frame_and_differs_filter(entries: list[dict[str, Any]]) -> None:
     df = review_frame(entries)
     assert list(df.columns) == ["instruction", "input", "expected", "response", "differs"]
     assert len(df) == 110
@@ -37,7 +41,7 @@ def test_review_frame_and_differs_filter(entries):
     assert len(only) == 110 - len(same) and only["differs"].all()
 
 
-def test_styled_table_and_text_fallback(entries):
+def test_styled_table_and_text_fallback(entries: list[dict[str, Any]]) -> None:
     html = review_table(entries, limit=3).to_html()
     assert "The car is as fast as a bullet." in html and "#fff3cd" in html
     text = format_review_text(entries, limit=2)
@@ -46,10 +50,12 @@ def test_styled_table_and_text_fallback(entries):
     assert "[1]" in text and "[2]" not in text
 
 
-def test_widget_saves_each_rating_and_resumes(entries, tmp_path):
+def test_widget_saves_each_rating_and_resumes(
+    entries: list[dict[str, Any]], tmp_path: Path
+) -> None:
     path = tmp_path / "alice.jsonl"
     tool = ReviewTool(entries[:5], path, reviewer="alice")
-    assert tool.index == 0 and "The car is as fast as a bullet." in tool.view.value
+    assert tool.index == 0 and "The car is as fast as a bullet." in tool.html()
     tool.buttons["save"].click()  # nothing chosen yet: nothing saved
     assert not path.exists() and "Pick a rating" in tool.status.value
     tool.rating.value, tool.note.value = "partly", "lightning, not a bullet"
@@ -68,30 +74,54 @@ def test_widget_saves_each_rating_and_resumes(entries, tmp_path):
     assert again.rating.value == "partly" and again.note.value == "lightning, not a bullet"
 
 
-def test_widget_has_a_static_fallback_beside_the_widget_view(entries, tmp_path):
+def test_static_view_of_the_entry_progress_and_rating(
+    entries: list[dict[str, Any]], tmp_path: Path
+) -> None:
     tool = ReviewTool(entries[:2], tmp_path / "bob.jsonl", reviewer="bob")
-    bundle = tool._repr_mimebundle_()
-    # The live widget for Jupyter, and a static view of the same entry for everything else
-    # (nbconvert, GitHub), instead of the raw VBox(children=(Label(... repr.
-    assert "application/vnd.jupyter.widget-view+json" in bundle
-    text, page = bundle["text/plain"], bundle["text/html"]
+    text, page = tool.text(), tool.html()
     assert "VBox" not in text and "VBox" not in page
     assert text.startswith("0/2 rated · reviewer bob\nEntry 0\n")
     assert "Model response: The car is as fast as a bullet." in text
     assert text.endswith("Rating (correct / partly / wrong): not rated yet")
-    assert "The car is as fast as a bullet." in page and "<table>" in page
     assert all(len(line) <= 100 for line in text.splitlines())
+    assert "The car is as fast as a bullet." in page and "<table style='width:100%;" in page
+    # Long answers wrap inside the output area instead of widening it.
+    assert "white-space:pre-wrap;overflow-wrap:anywhere" in page
     tool.rating.value, tool.note.value = "partly", "a bullet, <not> lightning"
     tool.buttons["save"].click()
     tool.buttons["prev"].click()
-    bundle = tool._repr_mimebundle_()
-    assert bundle["text/plain"].endswith("partly (a bullet, <not> lightning)")
-    assert "a bullet, &lt;not&gt; lightning" in bundle["text/html"]  # escaped
+    assert tool.text().endswith("partly (a bullet, <not> lightning)")
+    assert "a bullet, &lt;not&gt; lightning" in tool.html()  # escaped
     tool.go(2)
-    assert tool._repr_mimebundle_()["text/plain"].endswith("All answers reviewed.")
+    assert tool.text() == "1/2 rated · reviewer bob\nAll answers reviewed."
+    assert "<table" not in tool.html() and "All answers reviewed." in tool.html()
 
 
-def test_json_store_and_scale_validation(tmp_path):
+def test_displayed_as_note_entry_and_controls_kept_in_step(
+    entries: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = capture_displays(monkeypatch)
+    tool = ReviewTool(entries[:2], tmp_path / "bob.jsonl", reviewer="bob")
+    assert published == [], "nothing is shown before the tool is displayed"
+    tool._ipython_display_()
+    note, entry, controls = published
+    assert note.bundle["text/plain"].startswith("Live widget: the rating buttons respond once")
+    assert entry.bundle == {"text/html": tool.html(), "text/plain": tool.text()}
+    assert entry.display_id and not entry.update
+    # The controls' own fallback (front ends without widgets, no saved state) is a text line
+    # that the entry shows too, never the raw VBox(children=(... repr.
+    assert controls.bundle["text/plain"] == "Rating (correct / partly / wrong): not rated yet"
+    assert controls.bundle["text/plain"] in tool.text()
+    assert controls.bundle[WIDGET_VIEW]["model_id"] == tool.widget.model_id
+    # Each click rewrites the entry's output in place (same display id).
+    tool.rating.value = "correct"
+    tool.buttons["save"].click()
+    update = published[-1]
+    assert len(published) == 4 and update.update and update.display_id == entry.display_id
+    assert update.bundle["text/plain"].startswith("1/2 rated · reviewer bob\nEntry 1\n")
+
+
+def test_json_store_and_scale_validation(tmp_path: Path) -> None:
     store = RatingStore(tmp_path / "bob.json", reviewer="bob", scale="1-5")
     store.rate(0, 5)
     store.rate(2, "3", "ok")
@@ -107,7 +137,9 @@ def test_json_store_and_scale_validation(tmp_path):
         RatingStore(bad)
 
 
-def test_terminal_fallback(entries, tmp_path, capsys):
+def test_terminal_fallback(
+    entries: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     answers = iter(["correct", "good", "wrong", "", ""])
     store = review_in_terminal(
         entries, tmp_path / "t.jsonl", input_fn=lambda _: next(answers), limit=5
@@ -116,7 +148,7 @@ def test_terminal_fallback(entries, tmp_path, capsys):
     assert "[1] " in capsys.readouterr().out
 
 
-def test_cohen_kappa_hand_computed():
+def test_cohen_kappa_hand_computed() -> None:
     a = ["correct", "correct", "wrong", "wrong", "partly", "correct"]
     b = ["correct", "wrong", "wrong", "wrong", "partly", "correct"]
     # p_o = 5/6; p_e = (3*2 + 2*3 + 1*1) / 36 = 13/36 -> kappa = (30/36 - 13/36) / (23/36) = 17/23
@@ -127,7 +159,7 @@ def test_cohen_kappa_hand_computed():
         cohen_kappa(["x"], [])
 
 
-def test_merge_and_agreement(tmp_path):
+def test_merge_and_agreement(tmp_path: Path) -> None:
     ratings = {
         "ann": ["correct", "correct", "wrong", "wrong", "partly", "correct"],
         "ben": ["correct", "wrong", "wrong", "wrong", "partly", "correct"],
@@ -148,7 +180,7 @@ def test_merge_and_agreement(tmp_path):
     assert agree.loc[("ben", "cy"), "percent_agreement"] == pytest.approx(50.0)
 
 
-def test_ratings_of_changed_answers_do_not_count_but_are_kept(tmp_path):
+def test_ratings_of_changed_answers_do_not_count_but_are_kept(tmp_path: Path) -> None:
     entries = [
         {"instruction": f"Q{i}", "input": "", "output": f"A{i}", "model_response": f"R{i}"}
         for i in range(3)
@@ -184,7 +216,7 @@ for i in range(start, start + 40):
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
-def test_two_processes_rating_one_file_lose_nothing(tmp_path, suffix):
+def test_two_processes_rating_one_file_lose_nothing(tmp_path: Path, suffix: str) -> None:
     import subprocess
     import sys
 
@@ -201,11 +233,13 @@ def test_two_processes_rating_one_file_lose_nothing(tmp_path, suffix):
         for name, start in jobs
     ]
     for p in procs:  # all started and holding a store: then let them rate at once
-        assert p.stdout.readline().strip() == "ready"
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     for p in procs:
+        assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
     for p in procs:
+        assert p.stdin is not None
         p.stdin.close()
         assert p.wait(timeout=120) == 0
     merged = merge_reviews([path])
@@ -216,7 +250,7 @@ def test_two_processes_rating_one_file_lose_nothing(tmp_path, suffix):
     assert cy.first_unrated(80) == 80 and cy.ratings[41]["note"] == "note 41"
 
 
-def test_each_rating_keeps_its_reviewer(tmp_path):
+def test_each_rating_keeps_its_reviewer(tmp_path: Path) -> None:
     path = tmp_path / "alice.jsonl"
     RatingStore(path, reviewer="alice").rate(0, "correct")
     assert RatingStore(path).reviewer == "alice"  # the file's only reviewer, when none is given
@@ -244,7 +278,9 @@ def test_each_rating_keeps_its_reviewer(tmp_path):
         ),
     ],
 )
-def test_malformed_review_files_give_one_clear_error(tmp_path, text, message):
+def test_malformed_review_files_give_one_clear_error(
+    tmp_path: Path, text: str, message: str
+) -> None:
     path = tmp_path / "bad.json"
     path.write_text(text)
     with pytest.raises(ValueError, match=message) as err:
@@ -252,14 +288,14 @@ def test_malformed_review_files_give_one_clear_error(tmp_path, text, message):
     assert str(err.value).startswith("bad.json: ") and "\n" not in str(err.value)
 
 
-def test_off_scale_rating_in_a_file_is_rejected_also_when_merging(tmp_path):
+def test_off_scale_rating_in_a_file_is_rejected_also_when_merging(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_text('{"index": 0, "rating": "7", "scale": "1-5", "reviewer": "x"}\n')
     with pytest.raises(ValueError, match=r"r\.jsonl: record 0: rating '7' not on the 1-5 scale"):
         merge_reviews([path])
 
 
-def test_rate_rejects_negative_and_out_of_range_indices(tmp_path):
+def test_rate_rejects_negative_and_out_of_range_indices(tmp_path: Path) -> None:
     entries = [{"instruction": "Q", "input": "", "output": "A", "model_response": "R"}]
     store = RatingStore(tmp_path / "r.jsonl", entries=entries)
     with pytest.raises(ValueError, match="index -1 must be a whole number >= 0"):

@@ -12,9 +12,12 @@ import threading
 import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from helpers.config import GPTConfig
 from helpers.review.judge import JudgeClient, JudgeServerError, ollama_client, openai_client
 from helpers.review.judge_scoring import CHAPTER_PROMPT, judge_prompt, parse_score, score_entries
 from helpers.review.responses import entry_id
@@ -36,22 +39,32 @@ from helpers.review.responses import entry_id
         ("I'm sorry, but I cannot evaluate this response.", None),  # refusal
         ("", None),
         ("Between 70 and 80", None),  # a range is not a score
+        # Exponent form is read as the whole number, never as its first digit.
+        ("1e2", 100),
+        ("Score: 8e1", 80),
+        ("8.5E1", 85),
+        ("1e308", None),  # out of range, not 1
+        ("1e999", None),  # overflows to infinity
+        ("2e-1", 0),
     ],
 )
-def test_parse_score_0_100(reply, expected):
+def test_parse_score_0_100(reply: str, expected: int | None) -> None:
     assert parse_score(reply, 0, 100) == expected
 
 
-def test_parse_score_rubric():
+def test_parse_score_rubric() -> None:
     assert parse_score("4", 1, 5) == 4
     assert parse_score("On a scale of 1 to 5, I give 4.", 1, 5) == 4
     assert parse_score("Score: 3/5", 1, 5) == 3
     assert parse_score("6", 1, 5) is None
     assert parse_score("0", 1, 5) is None
     assert parse_score("3.5", 1, 5) is None
+    assert parse_score("4e0", 1, 5) == 4
+    assert parse_score("1e2", 1, 5) is None  # 100, not 1
+    assert parse_score("5e-1", 1, 5) is None
 
 
-def test_chapter_prompt_matches_the_book(responses_path):
+def test_chapter_prompt_matches_the_book(responses_path: Path) -> None:
     entry = json.loads(responses_path.read_text())[0]
     prompt = judge_prompt(entry, "chapter")
     assert prompt.startswith("Given the input `Below is an instruction that describes a task.")
@@ -69,26 +82,33 @@ class FakeJudge(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, script=(), fail_first=0, non_json_first=0, delay=0.0):
+    def __init__(
+        self,
+        script: tuple[str, ...] | list[str] = (),
+        fail_first: int = 0,
+        non_json_first: int = 0,
+        delay: float = 0.0,
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _FakeHandler)
         self.script, self.fail_first = list(script), fail_first
         self.non_json_first, self.delay = non_json_first, delay
-        self.requests: list[dict] = []
-        self.headers_seen: list[dict] = []
+        self.requests: list[dict[str, Any]] = []
+        self.headers_seen: list[dict[str, str]] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
-    def url(self):
+    def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
 class _FakeHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
+    def log_message(self, *args: Any) -> None:
         pass
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         srv = self.server
+        assert isinstance(srv, FakeJudge)
         srv.headers_seen.append(dict(self.headers))
         if srv.fail_first > 0:  # a flaky server: 503 before it works
             srv.fail_first -= 1
@@ -113,7 +133,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
             out = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
         self._send(json.dumps(out).encode())
 
-    def _send(self, data):
+    def _send(self, data: bytes) -> None:
         try:
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
@@ -124,11 +144,13 @@ class _FakeHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def entries(responses_path):
+def entries(responses_path: Path) -> list[dict[str, Any]]:
     return json.loads(responses_path.read_text())[:6]
 
 
-def test_scoring_counts_unparseable_and_sends_deterministic_options(entries):
+def test_scoring_counts_unparseable_and_sends_deterministic_options(
+    entries: list[dict[str, Any]],
+) -> None:
     server = FakeJudge(["90", "I cannot rate this.", "Score: 70 out of 100", "150", "60", "40"])
     try:
         report = score_entries(entries, ollama_client(base_url=server.url), progress=False)
@@ -147,7 +169,7 @@ def test_scoring_counts_unparseable_and_sends_deterministic_options(entries):
     assert first["messages"][0]["content"] == judge_prompt(entries[0])
 
 
-def test_interrupted_run_resumes_from_cache(entries, tmp_path):
+def test_interrupted_run_resumes_from_cache(entries: list[dict[str, Any]], tmp_path: Path) -> None:
     cache = tmp_path / "judge.jsonl"
     server = FakeJudge(["10", "20", "30"])
     client = openai_client(server.url + "/v1", "judge-model")
@@ -175,7 +197,7 @@ def test_interrupted_run_resumes_from_cache(entries, tmp_path):
     assert other.n_cached == 0 and other.scores == [1]
 
 
-def test_retries_with_backoff_then_succeeds(entries):
+def test_retries_with_backoff_then_succeeds(entries: list[dict[str, Any]]) -> None:
     server = FakeJudge(["77"], fail_first=2)
     try:
         client = ollama_client(base_url=server.url, retries=3, backoff=0.01)
@@ -185,7 +207,7 @@ def test_retries_with_backoff_then_succeeds(entries):
     assert len(server.headers_seen) == 3
 
 
-def test_server_down_gives_advice_not_a_traceback(unused_port):
+def test_server_down_gives_advice_not_a_traceback(unused_port: int) -> None:
     client = ollama_client(base_url=f"http://127.0.0.1:{unused_port}", retries=1, backoff=0.01)
     assert not client.is_available()
     with pytest.raises(JudgeServerError, match=r"ollama serve.*port \d+.*ollama pull llama3"):
@@ -194,7 +216,9 @@ def test_server_down_gives_advice_not_a_traceback(unused_port):
         client.check()
 
 
-def test_api_key_from_env_never_shown(monkeypatch, entries, tmp_path):
+def test_api_key_from_env_never_shown(
+    monkeypatch: pytest.MonkeyPatch, entries: list[dict[str, Any]], tmp_path: Path
+) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("JUDGE_API_KEY", "sk-secret-123")
     server = FakeJudge(["80"])
@@ -211,7 +235,9 @@ def test_api_key_from_env_never_shown(monkeypatch, entries, tmp_path):
         JudgeClient(api="grpc")
 
 
-def test_judge_against_real_course_server(entries, tiny_config, tmp_path):
+def test_judge_against_real_course_server(
+    entries: list[dict[str, Any]], tiny_config: GPTConfig, tmp_path: Path
+) -> None:
     import torch
 
     from helpers.model import GPTModel
@@ -235,7 +261,7 @@ def test_judge_against_real_course_server(entries, tiny_config, tmp_path):
 
 
 @pytest.fixture()
-def unused_port():
+def unused_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -243,7 +269,7 @@ def unused_port():
         return s.getsockname()[1]
 
 
-def _auth_seen(client, server):
+def _auth_seen(client: JudgeClient, server: FakeJudge) -> str | None:
     try:
         client.chat("hello")
     finally:
@@ -251,7 +277,7 @@ def _auth_seen(client, server):
     return server.headers_seen[-1].get("Authorization")
 
 
-def test_openai_key_goes_only_to_openai(monkeypatch):
+def test_openai_key_goes_only_to_openai(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JUDGE_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-456")
     # A third-party (here plain-HTTP, local) server never receives OPENAI_API_KEY.
@@ -271,7 +297,7 @@ def test_openai_key_goes_only_to_openai(monkeypatch):
     assert _auth_seen(openai_client(server.url, "m"), server) == "Bearer sk-judge"
 
 
-def test_key_not_in_error_messages(unused_port):
+def test_key_not_in_error_messages(unused_port: int) -> None:
     client = openai_client(f"http://127.0.0.1:{unused_port}", "m", api_key="sk-hidden-789")
     client.retries, client.backoff = 0, 0.0
     with pytest.raises(JudgeServerError) as err:
@@ -279,7 +305,9 @@ def test_key_not_in_error_messages(unused_port):
     assert "sk-hidden" not in str(err.value) and "sk-hidden" not in repr(client)
 
 
-def test_unparseable_replies_are_asked_again_on_resume(entries, tmp_path):
+def test_unparseable_replies_are_asked_again_on_resume(
+    entries: list[dict[str, Any]], tmp_path: Path
+) -> None:
     cache = tmp_path / "judge.jsonl"
     server = FakeJudge(["I cannot rate this.", "80", "9" * 309])
     client = ollama_client(base_url=server.url)
@@ -294,7 +322,9 @@ def test_unparseable_replies_are_asked_again_on_resume(entries, tmp_path):
     assert len(server.requests) == 5
 
 
-def test_truncated_last_line_is_repaired_not_merged_into_the_next(entries, tmp_path):
+def test_truncated_last_line_is_repaired_not_merged_into_the_next(
+    entries: list[dict[str, Any]], tmp_path: Path
+) -> None:
     cache = tmp_path / "judge.jsonl"
     server = FakeJudge(["10", "20"])
     client = ollama_client(base_url=server.url)
@@ -313,14 +343,14 @@ def test_truncated_last_line_is_repaired_not_merged_into_the_next(entries, tmp_p
     assert [json.loads(line)["entry_id"] for line in lines] == [entry_id(e) for e in entries[:2]]
 
 
-def test_non_utf8_cache_is_one_clear_error(entries, tmp_path):
+def test_non_utf8_cache_is_one_clear_error(entries: list[dict[str, Any]], tmp_path: Path) -> None:
     cache = tmp_path / "judge.jsonl"
     cache.write_bytes(b'{"reply": "\xff\xfe"}\n')
     with pytest.raises(ValueError, match=r"judge\.jsonl: judge cache is not UTF-8"):
         score_entries(entries[:1], ollama_client(), cache_path=cache, progress=False)
 
 
-def test_reply_that_is_not_json_is_retried_then_reported(entries):
+def test_reply_that_is_not_json_is_retried_then_reported(entries: list[dict[str, Any]]) -> None:
     server = FakeJudge(["66"], non_json_first=1)
     try:
         client = ollama_client(base_url=server.url, retries=2, backoff=0.01)
@@ -332,7 +362,7 @@ def test_reply_that_is_not_json_is_retried_then_reported(entries):
         server.shutdown()
 
 
-def test_read_timeout_is_not_reported_as_server_down():
+def test_read_timeout_is_not_reported_as_server_down() -> None:
     server = FakeJudge(["1"], delay=1.0)
     try:
         client = ollama_client(base_url=server.url, timeout=0.2, retries=0)
@@ -343,7 +373,7 @@ def test_read_timeout_is_not_reported_as_server_down():
     assert "ollama serve" not in str(err.value)
 
 
-def test_reply_length_limit_is_sent_to_both_apis():
+def test_reply_length_limit_is_sent_to_both_apis() -> None:
     # Ollama reads the limit from options.num_predict (without it: hundreds of tokens).
     options = ollama_client()._payload("p")["options"]
     assert options["num_predict"] == 32 and options["seed"] == 123

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers.config import GPTConfig
 from helpers.model import GPTModel
 from helpers.review.mcq import (
     MCQuestion,
@@ -25,23 +27,23 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "mcq_sample.jsonl"
 class Biased(torch.nn.Module):
     """Wraps a model and adds `strength` to the logits of chosen tokens: a model made to prefer them."""
 
-    def __init__(self, model, token_ids, strength=20.0):
+    def __init__(self, model: GPTModel, token_ids: Iterable[int], strength: float = 20.0) -> None:
         super().__init__()
         self.model, self.cfg = model, model.cfg
         self.bias = torch.zeros(model.cfg.vocab_size)
         self.bias[list(token_ids)] = strength
 
-    def forward(self, ids):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids) + self.bias  # (B, T, V)
 
 
 @pytest.fixture()
-def model(tiny_config):
+def model(tiny_config: GPTConfig) -> GPTModel:
     torch.manual_seed(0)
     return GPTModel(tiny_config).eval()
 
 
-def test_sample_file_loads():
+def test_sample_file_loads() -> None:
     qs = load_mcq(SAMPLE)
     assert len(qs) == 20
     assert qs[0] == MCQuestion(
@@ -50,7 +52,7 @@ def test_sample_file_loads():
     assert len({q.answer for q in qs}) == 4  # right answers spread over A-D
 
 
-def test_mmlu_csv_format(tmp_path):
+def test_mmlu_csv_format(tmp_path: Path) -> None:
     csv_path = tmp_path / "high_school_physics_test.csv"
     csv_path.write_text(
         '"What is 1, plus 1?",1,2,3,4,B\nWhich is a noble gas?,Helium,Iron,Carbon,Sodium,A\n'
@@ -69,7 +71,7 @@ def test_mmlu_csv_format(tmp_path):
         load_mcq(csv_path)
 
 
-def test_bad_jsonl_names_the_line(tmp_path):
+def test_bad_jsonl_names_the_line(tmp_path: Path) -> None:
     p = tmp_path / "q.jsonl"
     p.write_text(
         '{"question": "q", "choices": ["a", "b"], "answer": "A"}\n{"question": "q", "choices": "ab", "answer": 0}\n'
@@ -78,7 +80,7 @@ def test_bad_jsonl_names_the_line(tmp_path):
         load_mcq(p)
 
 
-def test_choice_logprobs_equal_a_manual_forward(model):
+def test_choice_logprobs_equal_a_manual_forward(model: GPTModel) -> None:
     prompt, options = "Question: Is the sky blue?\nAnswer:", [" Yes", " No, it is green"]
     got = choice_logprobs(model, prompt, options)
     for (lp, n), opt in zip(got, options, strict=True):
@@ -91,7 +93,7 @@ def test_choice_logprobs_equal_a_manual_forward(model):
         assert lp == pytest.approx(manual, abs=1e-4)
 
 
-def test_picks_the_answer_the_model_is_made_to_prefer(model):
+def test_picks_the_answer_the_model_is_made_to_prefer(model: GPTModel) -> None:
     qs = load_mcq(SAMPLE)
     for normalize, subset in (("sum", qs), ("mean", qs[:5])):
         for q in subset:
@@ -106,7 +108,7 @@ def test_picks_the_answer_the_model_is_made_to_prefer(model):
     assert mcq_accuracy(always_c) == sum(q.answer == 2 for q in qs) / len(qs)
 
 
-def test_mean_normalisation_divides_by_token_count(model):
+def test_mean_normalisation_divides_by_token_count(model: GPTModel) -> None:
     q = MCQuestion("Pick one.", ("yes", "a much longer answer text"), 0)
     res_sum = evaluate_mcq(model, [q], mode="text", normalize="sum")
     res_mean = evaluate_mcq(model, [q], mode="text", normalize="mean")
@@ -115,7 +117,7 @@ def test_mean_normalisation_divides_by_token_count(model):
         assert m == pytest.approx(s / n, abs=2e-3)
 
 
-def test_scoring_runs_without_dropout_and_restores_training_mode(tiny_config):
+def test_scoring_runs_without_dropout_and_restores_training_mode(tiny_config: GPTConfig) -> None:
     from dataclasses import replace
 
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from helpers.review.responses import (
 ENTRY = {"instruction": "Name the capital of France.", "input": "", "output": "Paris."}
 
 
-def test_save_and_load_roundtrip_and_validation(tmp_path):
+def test_save_and_load_roundtrip_and_validation(tmp_path: Path) -> None:
     entries = [{**ENTRY, "model_response": "Paris"}]
     path = save_responses(entries, tmp_path / "r.json", metadata={"model": "tiny"})
     rs = load_responses(path)
@@ -39,12 +40,12 @@ def test_save_and_load_roundtrip_and_validation(tmp_path):
         load_responses(tmp_path / "missing.json")
 
 
-def test_chapter_file_loads_without_metadata(responses_path):
+def test_chapter_file_loads_without_metadata(responses_path: Path) -> None:
     rs = load_responses(responses_path)
     assert len(rs.entries) == 110 and rs.metadata == {}
 
 
-def test_entry_id_changes_with_every_text_and_only_them():
+def test_entry_id_changes_with_every_text_and_only_them() -> None:
     answered = {**ENTRY, "model_response": "Paris"}
     key = entry_id(answered)
     assert key == entry_id({**answered, "extra": "ignored"}) and len(key) == 16
@@ -53,7 +54,9 @@ def test_entry_id_changes_with_every_text_and_only_them():
     assert entry_id({**ENTRY, "answer": "Paris"}, "answer") == key
 
 
-def test_published_responses_path_env_override(monkeypatch, tmp_path):
+def test_published_responses_path_env_override(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     local = tmp_path / "mine.json"
     local.write_text("[]", encoding="utf-8")
     monkeypatch.setenv("COURSE_RESPONSES", str(local))
@@ -64,7 +67,9 @@ def test_published_responses_path_env_override(monkeypatch, tmp_path):
         published_responses_path()
 
 
-def test_published_responses_path_downloads_verified_once(monkeypatch, tmp_path):
+def test_published_responses_path_downloads_verified_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     source = tmp_path / "published.json"
     source.write_text('[{"instruction": "a", "output": "b", "model_response": "c"}]\n')
     monkeypatch.delenv("COURSE_RESPONSES", raising=False)
@@ -87,5 +92,5 @@ def test_published_responses_path_downloads_verified_once(monkeypatch, tmp_path)
         published_responses_path(cache_dir=tmp_path / "cache")
 
 
-def test_published_responses_digest_matches_the_chapter_file(responses_path):
+def test_published_responses_digest_matches_the_chapter_file(responses_path: Path) -> None:
     assert sha256_of(responses_path) == PUBLISHED_RESPONSES_SHA256

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from helpers.config import GPTConfig
 from helpers.model import GPTModel
 from helpers.run.checkpoints import (
     Checkpoint,
@@ -21,7 +24,7 @@ from helpers.run.checkpoints import (
 from helpers.run.train_config import TrainConfig
 
 
-def _state(tiny_config) -> tuple[GPTModel, Checkpoint]:
+def _state(tiny_config: GPTConfig) -> tuple[GPTModel, Checkpoint]:
     torch.manual_seed(0)
     model = GPTModel(tiny_config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -56,7 +59,7 @@ def _state(tiny_config) -> tuple[GPTModel, Checkpoint]:
     return model, state
 
 
-def test_round_trip_is_exact_and_weights_only(tiny_config, tmp_path):
+def test_round_trip_is_exact_and_weights_only(tiny_config: GPTConfig, tmp_path: Path) -> None:
     model, state = _state(tiny_config)
     path = save_checkpoint(tmp_path / "run", state)
     assert path == tmp_path / "run" / "checkpoint.pt" and checkpoint_path(tmp_path / "run") == path
@@ -74,7 +77,25 @@ def test_round_trip_is_exact_and_weights_only(tiny_config, tmp_path):
     )
 
 
-def test_rng_states_restore(tmp_path):
+def test_the_objective_is_recorded_and_format_2_reads_as_fine_tuning(
+    tiny_config: GPTConfig, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from helpers.run.checkpoints import CHAPTER_OBJECTIVE
+
+    _, state = _state(tiny_config)
+    dpo = replace(state, objective={"name": "DPO", "reference model": "abc"})
+    assert load_checkpoint(save_checkpoint(tmp_path / "dpo", dpo)).objective == dpo.objective
+    # A checkpoint of the previous format (no objective recorded) still resumes fine-tuning.
+    path = save_checkpoint(tmp_path / "old", state)
+    raw = torch.load(path, weights_only=True)
+    del raw["objective"]
+    torch.save({**raw, "format": "course-train-checkpoint/2"}, path)
+    assert load_checkpoint(path).objective == {"name": CHAPTER_OBJECTIVE}
+
+
+def test_rng_states_restore(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(11)
     random.seed(5)
     torch.manual_seed(5)
@@ -92,7 +113,7 @@ def test_rng_states_restore(tmp_path):
         restore_rng_state(saved, [])
 
 
-def test_bad_files_give_clear_errors(tmp_path):
+def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -103,7 +124,9 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
-def test_resume_into_a_differently_tied_head_is_refused(tiny_config, tmp_path):
+def test_resume_into_a_differently_tied_head_is_refused(
+    tiny_config: GPTConfig, tmp_path: Path
+) -> None:
     """Tied and untied heads share state-dict keys; the resume check still tells them apart."""
     from dataclasses import replace
 
@@ -117,9 +140,10 @@ def test_resume_into_a_differently_tied_head_is_refused(tiny_config, tmp_path):
     inputs = torch.randint(0, 50, (8, 10), generator=torch.Generator().manual_seed(0))
     data = TensorDataset(inputs, (inputs + 1) % 50)
 
-    def loader() -> DataLoader:
-        return DataLoader(data, batch_size=4, shuffle=True,
-                          generator=torch.Generator().manual_seed(1))  # fmt: skip
+    def loader() -> DataLoader[Any]:
+        return DataLoader(
+            data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
 
     config = TrainConfig(num_epochs=1, eval_freq=1, eval_iter=1)
     options = RunOptions(checkpoint_dir=str(tmp_path), progress=False, log_evals=False)
@@ -127,5 +151,11 @@ def test_resume_into_a_differently_tied_head_is_refused(tiny_config, tmp_path):
     train(GPTModel(cfg), loader(), loader(), config=config, options=options)
     untied = GPTModel(replace(cfg, tie_embeddings=False))
     with pytest.raises(CheckpointError, match="tied vs untied output head"):
-        train(untied, loader(), loader(), config=replace(config, num_epochs=2), options=options,
-              resume_from=tmp_path)  # fmt: skip
+        train(
+            untied,
+            loader(),
+            loader(),
+            config=replace(config, num_epochs=2),
+            options=options,
+            resume_from=tmp_path,
+        )

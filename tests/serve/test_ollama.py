@@ -9,18 +9,20 @@ import faulthandler
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from helpers.generate import generate_responses
+from helpers.generate import GenerationSettings, generate_responses
 from helpers.model import GPTModel
 from helpers.prompts import format_prompt
 from helpers.review.judge import ollama_client
 from helpers.serve.api import DEFAULT_MAX_TOKENS, RequestError
 from helpers.serve.ollama import fit_window, parse_ollama_request
-from helpers.serve.server import serve_in_thread
+from helpers.serve.server import ChatServer, serve_in_thread
 from helpers.tokenizer import encode
 
 T = 30  # seconds: the limit of any one network operation in these tests
@@ -29,7 +31,9 @@ USER = [{"role": "user", "content": PROMPT}]
 ENTRY = {"instruction": PROMPT, "input": ""}
 
 
-def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
+def query_model(
+    prompt: str, model: str = "llama3", url: str = "http://localhost:11434/api/chat"
+) -> str:
     """The chapter's query_model (section 7.8), as printed, plus a timeout."""
     data = {
         "model": model,
@@ -51,7 +55,7 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
 
 
 @pytest.fixture(autouse=True)
-def hang_guard():
+def hang_guard() -> Iterator[None]:
     """A hard bound on every test here: a hang dumps all threads' stacks and ends pytest."""
     faulthandler.dump_traceback_later(180, exit=True)
     yield
@@ -59,7 +63,7 @@ def hang_guard():
 
 
 @pytest.fixture(scope="module")
-def server():
+def server() -> Iterator[ChatServer]:
     from helpers.config import get_config
 
     torch.manual_seed(0)
@@ -69,12 +73,12 @@ def server():
         yield srv
 
 
-def api_chat(server, **body):
+def api_chat(server: ChatServer, **body: Any) -> httpx.Response:
     body.setdefault("messages", USER)
     return httpx.post(server.url + "/api/chat", json=body, timeout=T)
 
 
-def lines(server, **body):
+def lines(server: ChatServer, **body: Any) -> list[dict[str, Any]]:
     """The parsed lines of a streamed /api/chat reply."""
     body.setdefault("messages", USER)
     with httpx.stream("POST", server.url + "/api/chat", json=body, timeout=T) as r:
@@ -83,20 +87,22 @@ def lines(server, **body):
         return [json.loads(line) for line in r.iter_lines() if line]
 
 
-def test_the_chapters_query_model_runs_unchanged(server):
+def test_the_chapters_query_model_runs_unchanged(server: ChatServer) -> None:
     answer = query_model(PROMPT, url=server.url + "/api/chat")
     # The same answer as the notebooks' generation (greedy), and as the judge client's
     # non-streamed request; the default answer length is the OpenAI route's.
     n_prompt = len(encode(format_prompt(ENTRY)))
     room = min(DEFAULT_MAX_TOKENS, 128 - n_prompt)  # num_ctx 2048 is capped at 128
-    expected = generate_responses(server.model, [ENTRY], max_new_tokens=room, progress=False)
+    expected = generate_responses(
+        server.model, [ENTRY], GenerationSettings(max_new_tokens=room), progress=False
+    )
     assert answer == expected[0]
     judge = ollama_client("tiny-test", server.url, max_tokens=None)  # no num_predict, as above
     assert judge.is_available()
     assert judge.chat(PROMPT) == answer
 
 
-def test_streamed_lines_add_up_and_end_with_the_counts(server):
+def test_streamed_lines_add_up_and_end_with_the_counts(server: ChatServer) -> None:
     streamed = lines(server, options={"num_predict": 12, "temperature": 1.3, "seed": 5})
     assert all(not x["done"] for x in streamed[:-1])
     assert all(x["message"]["role"] == "assistant" for x in streamed)
@@ -117,24 +123,25 @@ def test_streamed_lines_add_up_and_end_with_the_counts(server):
     assert text == body["message"]["content"]
 
 
-def test_seed_temperature_and_num_predict_are_honoured(server):
-    def answer(**options):
+def test_seed_temperature_and_num_predict_are_honoured(server: ChatServer) -> None:
+    def answer(**options: Any) -> str:
         return api_chat(server, stream=False, options=options).json()["message"]["content"]
 
     sampled = answer(seed=8, temperature=1.5, num_predict=8)
     assert sampled == answer(seed=8, temperature=1.5, num_predict=8)
-    same = generate_responses(
-        server.model, [ENTRY], max_new_tokens=8, temperature=1.5, seed=8, progress=False
-    )
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.5, seed=8)
+    same = generate_responses(server.model, [ENTRY], settings, progress=False)
     assert sampled == same[0]
-    greedy = generate_responses(server.model, [ENTRY], max_new_tokens=5, progress=False)
+    greedy = generate_responses(
+        server.model, [ENTRY], GenerationSettings(max_new_tokens=5), progress=False
+    )
     assert answer(num_predict=5, temperature=0, top_k=0) == greedy[0]
     # null options and runtime-only options change nothing; neutral sampling values pass.
     neutral = answer(num_predict=5, seed=None, num_thread=2, top_p=1, repeat_penalty=1.0)
     assert neutral == greedy[0]
 
 
-def test_num_ctx_is_the_window_capped_at_the_models_context(server):
+def test_num_ctx_is_the_window_capped_at_the_models_context(server: ChatServer) -> None:
     n_prompt = len(encode(format_prompt(ENTRY)))
     r = api_chat(server, stream=False, options={"num_ctx": 4096, "num_predict": -1})
     assert r.status_code == 200 and r.headers["x-num-ctx"] == "128"
@@ -172,13 +179,24 @@ def test_num_ctx_is_the_window_capped_at_the_models_context(server):
         ({"messages": []}, "messages"),
     ],
 )
-def test_bad_requests_get_ollama_style_400s(server, body, names):
+def test_bad_requests_get_ollama_style_400s(
+    server: ChatServer,
+    body: dict[str, list[int]]
+    | dict[str, dict[str, int]]
+    | dict[str, dict[str, str]]
+    | dict[str, dict[str, float]]
+    | dict[str, dict[str, list[str]]]
+    | dict[str, str]
+    | dict[str, int]
+    | dict[str, list[Any]],
+    names: str,
+) -> None:
     r = api_chat(server, **body)
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"} and names in r.json()["error"]
 
 
-def test_same_access_checks_as_the_openai_route(server):
+def test_same_access_checks_as_the_openai_route(server: ChatServer) -> None:
     body = json.dumps({"messages": USER}).encode()
     url = server.url + "/api/chat"
     # What `curl -d` or an HTML form sends without a JSON Content-Type: 415, with the fix.
@@ -194,7 +212,7 @@ def test_same_access_checks_as_the_openai_route(server):
     assert info.value.code == 415
 
 
-def test_tags_list_the_served_model(server):
+def test_tags_list_the_served_model(server: ChatServer) -> None:
     r = httpx.get(server.url + "/api/tags", timeout=T)
     assert r.status_code == 200
     (model,) = r.json()["models"]
@@ -204,7 +222,7 @@ def test_tags_list_the_served_model(server):
 # --- request checks without HTTP ----------------------------------------------------------
 
 
-def test_defaults_follow_ollama_where_the_course_allows():
+def test_defaults_follow_ollama_where_the_course_allows() -> None:
     r = parse_ollama_request({"messages": USER}, vocab_size=50257)
     assert r.chat.stream is True  # Ollama streams unless told not to
     assert (r.chat.temperature, r.chat.seed, r.chat.top_k, r.num_ctx) == (0.0, None, None, None)
@@ -217,7 +235,7 @@ def test_defaults_follow_ollama_where_the_course_allows():
     assert fit_window(fill, 30, 1024) == (994, 1024)
 
 
-def test_option_errors_name_the_option():
+def test_option_errors_name_the_option() -> None:
     with pytest.raises(RequestError) as info:
         parse_ollama_request({"messages": USER, "options": {"seed": "x"}}, vocab_size=9)
     assert info.value.param == "options.seed"

@@ -10,18 +10,22 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
 import torch
 
-from helpers.generate import generate_responses
+from helpers.config import GPTConfig
+from helpers.generate import GenerationSettings, generate_responses
 from helpers.model import GPTModel
 from helpers.prompts import format_prompt
 from helpers.serve.api import _instruction_from_messages
 from helpers.serve.http_server import ServeOptions
-from helpers.serve.server import load_served_model, main, make_server, serve_in_thread
+from helpers.serve.server import ChatServer, load_served_model, main, make_server, serve_in_thread
 from helpers.tokenizer import encode
 
 T = 30  # seconds: the limit of any one network operation in these tests
@@ -41,24 +45,24 @@ USER = [{"role": "user", "content": "Name the capital of France."}]
 
 
 @pytest.fixture(autouse=True)
-def hang_guard():
+def hang_guard() -> Iterator[None]:
     """A hard bound on every test here: a hang dumps all threads' stacks and ends pytest."""
     faulthandler.dump_traceback_later(180, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
 
 
-def tiny_model(tiny_config, context_length=512):
+def tiny_model(tiny_config: GPTConfig, context_length: int = 512) -> GPTModel:
     torch.manual_seed(0)
     return GPTModel(replace(tiny_config, context_length=context_length)).eval()
 
 
 @pytest.fixture()
-def start(tiny_config):
+def start(tiny_config: GPTConfig) -> Iterator[Callable[..., ChatServer]]:
     """start(**kw) -> a running server on a free port; every one is stopped after the test."""
     servers = []
 
-    def _start(context_length=512, **options):
+    def _start(context_length: int = 512, **options: Any) -> ChatServer:
         model = tiny_model(tiny_config, context_length)
         srv = serve_in_thread(
             model, model_name="tiny-test", style="alpaca", options=ServeOptions(**options)
@@ -73,27 +77,27 @@ def start(tiny_config):
 
 
 @pytest.fixture()
-def server(start):
+def server(start: Callable[..., ChatServer]) -> ChatServer:
     return start()
 
 
-def chat(server, headers=None, **body):
+def chat(server: ChatServer, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
     body.setdefault("model", "tiny-test")
     return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=T)
 
 
-def client(server):
+def client(server: ChatServer) -> Any:
     """The official OpenAI client pointed at `server` (a test-only dependency)."""
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=T, max_retries=0)
 
 
-def connect(server):
+def connect(server: ChatServer) -> tuple[socket.socket, BinaryIO]:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=T)
     return sock, sock.makefile("rb")
 
 
-def read_response(f):
+def read_response(f: BinaryIO) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one HTTP/1.1 response with a Content-Length."""
     status_line = f.readline()
     assert status_line.startswith(b"HTTP/1.1 "), status_line
@@ -105,12 +109,19 @@ def read_response(f):
     return int(status_line.split()[1]), headers, body
 
 
-def request(method, path, body=b"", host="127.0.0.1", ctype="application/json", extra=""):
+def request(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    host: str = "127.0.0.1",
+    ctype: str = "application/json",
+    extra: str = "",
+) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
     return (head + f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
-def closed(sock, within):
+def closed(sock: socket.socket, within: float) -> bool:
     """True if the server closes `sock` within `within` seconds."""
     sock.settimeout(within)
     try:
@@ -124,7 +135,7 @@ def closed(sock, within):
 # --- the OpenAI API ----------------------------------------------------------------------
 
 
-def test_binds_loopback_and_lists_model(server):
+def test_binds_loopback_and_lists_model(server: ChatServer) -> None:
     assert server.server_address[0] == "127.0.0.1"
     assert server.url == f"http://127.0.0.1:{server.port}"
     r = httpx.get(server.url + "/v1/models", timeout=T)
@@ -136,7 +147,7 @@ def test_binds_loopback_and_lists_model(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_chat_equals_generate_responses(server):
+def test_chat_equals_generate_responses(server: ChatServer) -> None:
     messages = [
         {"role": "user", "content": "an earlier turn"},
         {"role": "assistant", "content": "ok"},
@@ -150,7 +161,9 @@ def test_chat_equals_generate_responses(server):
     assert choice["message"]["role"] == "assistant"
     # The last user message is the instruction, through the same prompt/generation code.
     entry = {"instruction": "Name the capital of France.", "input": ""}
-    expected = generate_responses(server.model, [entry], max_new_tokens=6, progress=False)[0]
+    expected = generate_responses(
+        server.model, [entry], GenerationSettings(max_new_tokens=6), progress=False
+    )[0]
     assert choice["message"]["content"] == expected
     usage = body["usage"]
     assert usage["prompt_tokens"] == len(encode(format_prompt(entry)))
@@ -158,7 +171,7 @@ def test_chat_equals_generate_responses(server):
     assert usage["completion_tokens"] <= 6
 
 
-def test_seed_and_temperature_are_honoured(server):
+def test_seed_and_temperature_are_honoured(server: ChatServer) -> None:
     msg = [{"role": "user", "content": "Write a word."}]
     a = chat(server, messages=msg, max_tokens=8, temperature=1.5, seed=7).json()
     b = chat(server, messages=msg, max_tokens=8, temperature=1.5, seed=7).json()
@@ -166,13 +179,12 @@ def test_seed_and_temperature_are_honoured(server):
     texts = [x["choices"][0]["message"]["content"] for x in (a, b, c)]
     assert texts[0] == texts[1]
     entry = {"instruction": "Write a word.", "input": ""}
-    same = generate_responses(
-        server.model, [entry], max_new_tokens=8, temperature=1.5, seed=8, progress=False
-    )
+    sampled = GenerationSettings(max_new_tokens=8, temperature=1.5, seed=8)
+    same = generate_responses(server.model, [entry], sampled, progress=False)
     assert texts[2] == same[0]
 
 
-def test_openai_client_plain_and_streamed_agree(server):
+def test_openai_client_plain_and_streamed_agree(server: ChatServer) -> None:
     api = client(server)
     kw = {"model": "tiny-test", "messages": USER, "max_tokens": 12, "temperature": 1.2, "seed": 3}
     whole = api.chat.completions.create(**kw)
@@ -192,7 +204,7 @@ def test_openai_client_plain_and_streamed_agree(server):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
-def test_stream_is_server_sent_events_ending_with_done(server):
+def test_stream_is_server_sent_events_ending_with_done(server: ChatServer) -> None:
     body = {"model": "tiny-test", "messages": USER, "max_tokens": 4, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=T) as r:
         assert r.status_code == 200
@@ -205,8 +217,8 @@ def test_stream_is_server_sent_events_ending_with_done(server):
     assert all("usage" not in e for e in events)  # only with stream_options.include_usage
 
 
-def test_bad_parameters_get_openai_style_400s(server):
-    cases = [
+def test_bad_parameters_get_openai_style_400s(server: ChatServer) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "hi"}]}, "messages"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -244,7 +256,7 @@ def test_bad_parameters_get_openai_style_400s(server):
     assert info.value.param == "n"
 
 
-def test_values_json_cannot_hold_in_a_python_int_or_float_get_400(server):
+def test_values_json_cannot_hold_in_a_python_int_or_float_get_400(server: ChatServer) -> None:
     # 1e400 parses as an infinite float and NaN/Infinity are not JSON: 400s, not 500s.
     for raw in (
         '{"messages": %s, "max_tokens": 1e400}',
@@ -261,7 +273,7 @@ def test_values_json_cannot_hold_in_a_python_int_or_float_get_400(server):
         assert r.status_code == 400, (raw, r.text)
 
 
-def test_defaults_and_tiny_temperatures(server):
+def test_defaults_and_tiny_temperatures(server: ChatServer) -> None:
     greedy = chat(server, messages=USER, max_tokens=5, temperature=0).json()
     # 1e-300 would overflow softmax(logits / T): it means greedy, not a 500.
     tiny_t = chat(server, messages=USER, max_tokens=5, temperature=1e-300, seed=1)
@@ -274,7 +286,7 @@ def test_defaults_and_tiny_temperatures(server):
         assert r.json()["usage"]["completion_tokens"] <= 256
 
 
-def test_prompt_and_max_tokens_beyond_the_context(start):
+def test_prompt_and_max_tokens_beyond_the_context(start: Callable[..., ChatServer]) -> None:
     server = start(context_length=40)
     n_prompt = len(encode(format_prompt({"instruction": USER[0]["content"], "input": ""})))
     room = 40 - n_prompt
@@ -294,7 +306,7 @@ def test_prompt_and_max_tokens_beyond_the_context(start):
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
-def test_message_parsing():
+def test_message_parsing() -> None:
     msgs = [
         {"role": "system", "content": "Answer briefly."},
         {
@@ -308,7 +320,7 @@ def test_message_parsing():
 # --- HTTP: keep-alive, limits, timeouts ---------------------------------------------------
 
 
-def test_keep_alive_survives_404_and_413(server):
+def test_keep_alive_survives_404_and_413(server: ChatServer) -> None:
     sock, f = connect(server)
     with sock:
         sock.sendall(request("POST", "/v1/nope", b'{"x": 1}'))
@@ -335,7 +347,7 @@ def test_keep_alive_survives_404_and_413(server):
         assert read_response(f)[0] == 200
 
 
-def test_huge_declared_body_is_refused_and_the_connection_closed(server):
+def test_huge_declared_body_is_refused_and_the_connection_closed(server: ChatServer) -> None:
     sock, f = connect(server)
     with sock:
         head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
@@ -356,7 +368,7 @@ def test_huge_declared_body_is_refused_and_the_connection_closed(server):
         assert closed(sock, within=5)
 
 
-def test_malformed_requests_get_400(server):
+def test_malformed_requests_get_400(server: ChatServer) -> None:
     sock, f = connect(server)
     with sock:
         sock.sendall(
@@ -379,7 +391,7 @@ def test_malformed_requests_get_400(server):
     assert r.status_code == 400
 
 
-def test_stalled_connections_are_bounded_and_timed_out(start):
+def test_stalled_connections_are_bounded_and_timed_out(start: Callable[..., ChatServer]) -> None:
     server = start(limit_concurrency=8, request_timeout=1.0)
     threads_before = threading.active_count()
     stalled = [connect(server)[0] for _ in range(STALLED)]
@@ -401,7 +413,7 @@ def test_stalled_connections_are_bounded_and_timed_out(start):
             s.close()
 
 
-def test_slow_body_gets_408_and_idle_keep_alive_is_closed(start):
+def test_slow_body_gets_408_and_idle_keep_alive_is_closed(start: Callable[..., ChatServer]) -> None:
     server = start(request_timeout=1.0, keep_alive_timeout=1)
     sock, f = connect(server)
     with sock:
@@ -421,7 +433,7 @@ def test_slow_body_gets_408_and_idle_keep_alive_is_closed(start):
 # --- access: Host, Origin, Content-Type, CORS --------------------------------------------
 
 
-def test_host_allow_list(server):
+def test_host_allow_list(server: ChatServer) -> None:
     ok = ["127.0.0.1", f"127.0.0.1:{server.port}", "localhost", "LOCALHOST:80", "[::1]:8000"]
     for host in ok:
         r = httpx.get(server.url + "/v1/models", headers={"Host": host}, timeout=T)
@@ -441,7 +453,7 @@ def test_host_allow_list(server):
         assert f.readline().split()[1] == b"400"
 
 
-def test_allowed_hosts_option(start):
+def test_allowed_hosts_option(start: Callable[..., ChatServer]) -> None:
     server = start(allowed_hosts=("my-box.lan",))
     r = httpx.get(server.url + "/v1/models", headers={"Host": "my-box.lan:8000"}, timeout=T)
     assert r.status_code == 200
@@ -449,7 +461,7 @@ def test_allowed_hosts_option(start):
     assert r.status_code == 400
 
 
-def test_json_only_and_no_cross_origin_requests(server):
+def test_json_only_and_no_cross_origin_requests(server: ChatServer) -> None:
     body = json.dumps({"messages": USER, "max_tokens": 2}).encode()
     url = server.url + "/v1/chat/completions"
     # What an HTML form or a "simple" fetch from another site can send: text/plain.
@@ -480,7 +492,7 @@ def test_json_only_and_no_cross_origin_requests(server):
     assert ok.status_code == 200
 
 
-def test_cors_only_when_asked(start):
+def test_cors_only_when_asked(start: Callable[..., ChatServer]) -> None:
     server = start(cors_origins=("http://localhost:3000",))
     url = server.url + "/v1/chat/completions"
     pre = httpx.options(
@@ -504,7 +516,7 @@ def test_cors_only_when_asked(start):
 # --- concurrency, lifecycle ----------------------------------------------------------------
 
 
-def test_generation_is_serialized_and_a_dropped_stream_frees_the_model(server):
+def test_generation_is_serialized_and_a_dropped_stream_frees_the_model(server: ChatServer) -> None:
     steps = []
     server.model.register_forward_hook(lambda *args: steps.append(1))
     body = {"model": "tiny-test", "messages": USER, "max_tokens": 400, "stream": True}
@@ -520,7 +532,7 @@ def test_generation_is_serialized_and_a_dropped_stream_frees_the_model(server):
     t0 = time.monotonic()
     results = []
 
-    def ask():
+    def ask() -> None:
         results.append(chat(server, messages=USER, max_tokens=3, temperature=0).json())
 
     workers = [threading.Thread(target=ask) for _ in range(3)]
@@ -533,7 +545,7 @@ def test_generation_is_serialized_and_a_dropped_stream_frees_the_model(server):
     assert len({json.dumps(r["choices"]) for r in results}) == 1
 
 
-def test_serve_in_thread_shutdown_and_threads(tiny_config):
+def test_serve_in_thread_shutdown_and_threads(tiny_config: GPTConfig) -> None:
     before = threading.active_count()
     server = serve_in_thread(tiny_model(tiny_config), model_name="m")
     assert chat(server, model="m", messages=USER, max_tokens=2).status_code == 200
@@ -548,12 +560,12 @@ def test_serve_in_thread_shutdown_and_threads(tiny_config):
         assert httpx.get(again.url + "/health", timeout=T).status_code == 200
 
 
-def test_port_in_use_is_an_error_not_an_exit(server, tiny_config):
+def test_port_in_use_is_an_error_not_an_exit(server: ChatServer, tiny_config: GPTConfig) -> None:
     with pytest.raises(OSError):
         make_server(tiny_model(tiny_config), model_name="x", port=server.port)
 
 
-def test_complete_without_http(server):
+def test_complete_without_http(server: ChatServer) -> None:
     reply = server.complete({"messages": USER, "max_tokens": 3})
     assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] <= 3
 
@@ -561,13 +573,13 @@ def test_complete_without_http(server):
 # --- command line -------------------------------------------------------------------------
 
 
-def test_cli_requires_a_model(capsys):
+def test_cli_requires_a_model(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([])
     assert "--model" in capsys.readouterr().err
 
 
-def test_cli_help_lists_the_access_options(capsys):
+def test_cli_help_lists_the_access_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
@@ -575,7 +587,35 @@ def test_cli_help_lists_the_access_options(capsys):
         assert flag in out
 
 
-def test_loads_a_checkpoint_with_its_prompt_style(tmp_path, tiny_config, capsys):
+def test_cli_flags_come_from_serve_settings_and_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers.serve.server import ServeSettings, build_parser, settings_from_args
+
+    args = ["--model", "tiny", "--allow-host", "a.lan", "--allow-host", "b", "--port", "0"]
+    settings = settings_from_args(build_parser().parse_args([*args, "--request-timeout", "2.5"]))
+    assert settings == ServeSettings(
+        model="tiny",
+        port=0,
+        options=ServeOptions(allowed_hosts=("a.lan", "b"), request_timeout=2.5),
+    )
+    assert settings_from_args(
+        build_parser().parse_args(["--checkpoint", "m.safetensors"])
+    ).options == (ServeOptions())
+    for bad, message in [
+        (["--model", "tiny", "--checkpoint", "x"], "give either a preset name (--model)"),
+        (["--model", "tiny", "--port", "70000"], "argument --port: must be a port number"),
+        (["--model", "tiny", "--request-timeout", "0"], "argument --request-timeout: must be > 0"),
+        (["--model", "tiny", "--limit-concurrency", "x"], "expected a int"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ServeOptions.limit_concurrency must be > 0"):
+        ServeOptions(limit_concurrency=0)
+
+
+def test_loads_a_checkpoint_with_its_prompt_style(
+    tmp_path: Path, tiny_config: GPTConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
     from helpers.weights import save_model
 
     torch.manual_seed(0)

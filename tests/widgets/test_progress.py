@@ -1,7 +1,8 @@
-"""helpers.widgets.progress: tqdm's widget bar whose saved output shows the final state, text elsewhere."""
+"""helpers.widgets.progress: tqdm's widget bar that leaves its final state as plain outputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -12,7 +13,8 @@ import pytest
 from tqdm.std import tqdm as std_tqdm
 
 from helpers.widgets import progress
-from helpers.widgets.progress import WIDGET_VIEW, NotebookTqdm, in_jupyter_kernel
+from helpers.widgets.live import WIDGET_VIEW
+from helpers.widgets.progress import BAR_COLOURS, NotebookTqdm, in_jupyter_kernel
 
 
 class FakeHandle:
@@ -20,9 +22,9 @@ class FakeHandle:
 
     def __init__(self, shown: Any) -> None:
         self.shown = shown
-        self.updates: list[tuple[dict, dict]] = []
+        self.updates: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
-    def update(self, obj: dict, **kwargs: Any) -> None:
+    def update(self, obj: dict[str, Any], **kwargs: Any) -> None:
         self.updates.append((obj, kwargs))
 
 
@@ -66,7 +68,12 @@ def test_in_jupyter_kernel_needs_a_kernel_shell(monkeypatch: pytest.MonkeyPatch)
     assert not in_jupyter_kernel(), "qtconsole shows text, not widgets"
 
 
-def test_closed_bar_stores_its_final_text_with_the_widget_view(
+def _closed(bar: NotebookTqdm) -> bool:
+    """Whether all of the bar's widgets are closed (no comm left to the front end)."""
+    return all(w.comm is None for w in (*bar.container.children, bar.container))
+
+
+def test_closed_bar_leaves_its_final_state_as_plain_outputs(
     displays: list[FakeHandle], capsys: pytest.CaptureFixture[str]
 ) -> None:
     bar = NotebookTqdm(range(24), desc="fine-tuning", unit="step")
@@ -75,13 +82,15 @@ def test_closed_bar_stores_its_final_text_with_the_widget_view(
     assert sum(1 for _ in bar) == 24
     [(bundle, kwargs)] = displays[0].updates
     assert kwargs == {"raw": True}
+    # No widget view: nbconvert's HTML export would pick it and draw nothing without JavaScript.
+    assert set(bundle) == {"text/plain", "text/html"}
     assert bundle["text/plain"].startswith("fine-tuning: 100%|██████████| 24/24 [")
     assert "step/s]" in bundle["text/plain"]
-    assert bundle[WIDGET_VIEW] == {
-        "version_major": 2,
-        "version_minor": 0,
-        "model_id": bar.container.model_id,
-    }
+    page = bundle["text/html"]
+    assert page.startswith("<div>fine-tuning:\u2007100% <span")
+    assert "width:100.0%;background-color:" + BAR_COLOURS["success"] in page
+    assert "24/24\u2007[" in page and "&lt;" in page  # tqdm's escaped "[00:00<00:00"
+    assert _closed(bar)
     bar.close()  # closing again changes nothing
     assert len(displays[0].updates) == 1
     assert capsys.readouterr() == ("", ""), "the widget is the only output"
@@ -93,8 +102,8 @@ def test_manual_bar_stopped_early_keeps_its_partial_state(displays: list[FakeHan
     bar.close()
     [(bundle, _)] = displays[0].updates
     assert bundle["text/plain"].startswith("broken:  30%|███       | 3/10 [")
-    assert bundle[WIDGET_VIEW]["model_id"] == bar.container.model_id
-    assert bar.container.children[1].bar_style == "danger"
+    assert "width:30.0%;background-color:" + BAR_COLOURS["danger"] in bundle["text/html"]
+    assert WIDGET_VIEW not in bundle and _closed(bar)
 
 
 def test_bar_with_leave_false_leaves_an_empty_output(displays: list[FakeHandle]) -> None:
@@ -148,17 +157,20 @@ def _run_notebook(path: Path) -> Any:
     return nb
 
 
-def test_executed_notebook_keeps_final_text_and_widget_state(tmp_path: Path) -> None:
+def test_executed_notebook_keeps_each_bars_final_state_without_widgets(tmp_path: Path) -> None:
+    from tests.test_notebooks import widget_fallback_problems
+
     nb = _run_notebook(tmp_path)
-    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     outputs = [o for cell in nb.cells for o in cell.outputs]
     assert all(o.output_type != "stream" or o.name != "stderr" for o in outputs), outputs
-    bars = [o for o in outputs if WIDGET_VIEW in o.get("data", {})]
-    assert [o.data["text/plain"].split("|")[0] for o in bars] == [
+    assert not [o for o in outputs if WIDGET_VIEW in o.get("data", {})]
+    bars = [o.data for o in outputs if "text/html" in o.get("data", {})]
+    assert [data["text/plain"].split("|")[0] for data in bars] == [
         "fine-tuning: 100%",
         "manual: 100%",
     ]
-    for output in bars:
-        assert output.data[WIDGET_VIEW]["model_id"] in state
     # the bar created in one cell and closed in the next updated the earlier cell's output
     assert nb.cells[2].outputs[0].data["text/plain"].startswith("manual: 100%|██████████| 3/3")
+    saved = tmp_path / "bars.ipynb"
+    saved.write_text(json.dumps(nb), encoding="utf-8")
+    assert widget_fallback_problems(saved) == []
