@@ -8,15 +8,19 @@ adapters, then merges them and saves the merged model like any run, so every too
 `<model>-sft.safetensors` works unchanged. `--chapter-compat` is chapter-faithful mode end to
 end (untied head, the chapter's shuffling and test prompts). `main` is the command line
 (options in helpers.run.cli): expected errors print one line and exit with code 2.
+Under `torchrun --nproc_per_node=N` it trains data-parallel (helpers.run.distributed): the
+ranks split every batch and the test answers, and rank 0 alone writes the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,7 +32,7 @@ from helpers.atomic import atomic_path, atomic_write_text
 from helpers.batching import Loaders, make_loaders
 from helpers.config import is_pretrained_preset
 from helpers.data import DatasetError, DataSplits, DownloadError, load_instruction_data, split_data
-from helpers.generate import GenerationSettings, generate_test_responses
+from helpers.generate import GenerationSettings, generate_responses, generate_test_responses
 from helpers.lora.adapters import save_lora_adapters
 from helpers.lora.layers import (
     count_parameters,
@@ -40,11 +44,24 @@ from helpers.model import GPTModel
 from helpers.review.metrics import CONSTANT_ANSWER, answer_report
 from helpers.run.checkpoints import (
     CheckpointError,
+    DiskFullError,
     checkpoint_bytes,
     checkpoint_path,
+    file_bytes,
+    is_disk_full,
+    space_needed,
     weights_bytes,
 )
 from helpers.run.cli import FinetuneSettings, build_parser, settings_from_args
+from helpers.run.distributed import (
+    DistributedError,
+    check_batch_size,
+    check_same,
+    current,
+    gather_parts,
+    local_device,
+    process_group,
+)
 from helpers.run.epoch_sample import sample_printer
 from helpers.run.train_config import RunOptions
 from helpers.run.train_extensions import TrainingInterrupted
@@ -84,6 +101,7 @@ EXPECTED_ERRORS = (
     FloatingPointError,
     OutputDirError,
     OSError,
+    DistributedError,
 )
 
 
@@ -140,7 +158,9 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
     """The model (OpenAI weights, or a random init seeded by the run's seed) and its losses."""
     if settings.resume and not checkpoint_path(settings.checkpoint_dir).is_file():
         raise RunError(f"--resume: no checkpoint in {settings.checkpoint_dir}")
-    check_output_dir(settings.output_dir)  # writable? (before a possibly long weights download)
+    main = current().main  # only rank 0 of a distributed run writes
+    if main:  # writable? (before a possibly long weights download)
+        check_output_dir(settings.output_dir)
     tie = not settings.chapter_compat  # the chapter's GPTModel has a separate out_head
     if not settings.random_init and is_pretrained_preset(settings.model):
         model, weights = load_pretrained(settings.model, tie_embeddings=tie), "OpenAI GPT-2 weights"
@@ -154,10 +174,9 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
             f"{model.cfg.context_length}"
         )
     # Fail now, not after hours of training: the folder must take the model and a checkpoint.
-    early = settings.train.early_stopping_patience is not None
-    ckpt = checkpoint_bytes(model, early_stopping=early) if settings.checkpoint else 0
-    check_output_dir(settings.output_dir, weights_bytes(model) + ckpt)
-    device = get_device(settings.device)
+    if main:
+        check_output_dir(settings.output_dir, _space_needed(settings, model))
+    device = local_device(get_device(settings.device))  # under torchrun: GPU LOCAL_RANK
     model.to(device)
     label = describe_model(settings.model, weights)
     print(f"Model: {label} on {device}")
@@ -172,6 +191,48 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
     }
     print(f"Initial loss: train {initial['train']:.3f}, validation {initial['validation']:.3f}")
     return Built(model, weights, label, device, initial, count_parameters(model))
+
+
+def _space_needed(settings: FinetuneSettings, model: GPTModel) -> int:
+    """Free bytes the run needs: its checkpoint (reusing an old one's space), then the model."""
+    if not settings.checkpoint:
+        return weights_bytes(model)
+    early = settings.train.early_stopping_patience is not None
+    return space_needed(
+        checkpoint_bytes(model, early_stopping=early),
+        model_file=weights_bytes(model),
+        existing=file_bytes(settings.checkpoint_dir),
+    )
+
+
+@contextlib.contextmanager
+def _disk_full_guard(settings: FinetuneSettings, model: GPTModel) -> Iterator[None]:
+    """A full disk while writing the results: one DiskFullError that says what to free.
+
+    The trained run is safe in its checkpoint, so `--resume` writes the files once there
+    is room (it needs what `_space_needed` checks before training).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        out = settings.output_dir
+        needed, free = _space_needed(settings, model), shutil.disk_usage(out).free
+        free_more = f"free at least {max(needed - free, 0) / 2**20:.0f} MiB there"
+        if settings.checkpoint and checkpoint_path(settings.checkpoint_dir).is_file():
+            kept = settings.checkpoint_dir
+            advice = f"the trained run is in {kept}: {free_more} and rerun with --resume"
+        else:
+            why = "" if settings.checkpoint else " (--no-checkpoint)"
+            advice = f"no checkpoint holds the run{why}: {free_more} and rerun"
+        where = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        raise DiskFullError(
+            f"disk full: cannot write the results into {out} ({where}); {advice}",
+            folder=Path(out),
+            free=free,
+            needed=needed,
+        ) from exc
 
 
 def _add_lora(settings: FinetuneSettings, model: GPTModel) -> None:
@@ -201,6 +262,7 @@ def fit(settings: FinetuneSettings, loaded: Loaded, built: Built) -> pd.DataFram
         checkpoint_minutes=settings.checkpoint_minutes,
         progress=settings.progress,
         eval_batched=settings.eval_batched,
+        deterministic=settings.deterministic,
     )
     start = time.perf_counter()
     history = train(
@@ -247,7 +309,6 @@ def write(
     with atomic_path(out / HISTORY_NAME) as tmp:
         history.to_csv(tmp, index=False)
     plot_files = save_loss_plot(plot_losses(history, title=built.label), out / "loss-plot")
-    built.model.eval()
     responses = generate_test_responses(
         built.model,
         loaded.test_entries,
@@ -255,12 +316,12 @@ def write(
         generation_settings(settings, settings.max_new_tokens),
         model_name=settings.model,
         checkpoint=model_file.name,
-        progress=settings.progress,
         extra_metadata={
             "weights": meta["weights"],
             "description": built.label,
             "mask_prompt": settings.mask_prompt,
         },
+        answers=answer_test_entries(settings, loaded, built),
     )
     files = [*plot_files, out / RESPONSES_NAME, model_file, out / HISTORY_NAME]
     files += [out / lora["adapters"]] if lora else []
@@ -269,6 +330,24 @@ def write(
     summary["total_minutes"] = round((time.perf_counter() - started) / 60, 3)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def answer_test_entries(settings: FinetuneSettings, loaded: Loaded, built: Built) -> list[str]:
+    """The test entries' answers; under torchrun each rank generates its share of the batches."""
+    gen = generation_settings(settings, settings.max_new_tokens)
+    built.model.eval()
+    return gather_parts(
+        lambda part: generate_responses(
+            built.model, loaded.test_entries, gen, progress=settings.progress, part=part
+        )
+    )
+
+
+def help_write(settings: FinetuneSettings, loaded: Loaded, built: Built) -> None:
+    """A distributed run's ranks other than 0: the LoRA merge and their share of the answers."""
+    if lora_settings(built.model) is not None:
+        merge_lora(built.model)  # as rank 0 does: the answers come from the merged model
+    answer_test_entries(settings, loaded, built)
 
 
 def _write_adapters(
@@ -387,13 +466,30 @@ def _print_answers(report: dict[str, Any]) -> None:
     )
 
 
+def _flags(settings: FinetuneSettings) -> dict[str, Any]:
+    # What every rank of a distributed run must agree on (paths may differ between nodes).
+    local = ("data", "output_dir", "device", "progress")
+    return {k: v for k, v in asdict(settings).items() if k not in local}
+
+
 def run(settings: FinetuneSettings) -> dict[str, Any]:
-    """The chapter's run: load, build, fit, write; returns the summary it also writes."""
+    """The chapter's run: load, build, fit, write; returns the summary it also writes.
+
+    Under torchrun every rank loads, builds and trains; rank 0 writes while the others
+    generate their share of the test answers, then wait for it (they return {}).
+    """
     start = time.perf_counter()
-    loaded = load(settings)
-    built = build(settings, loaded)
-    history = fit(settings, loaded, built)
-    summary = write(settings, loaded, built, history, started=start)
+    check_batch_size(settings.batch_size)
+    with process_group(settings.device) as ranks:
+        check_same("flags", _flags(settings))
+        loaded = load(settings)
+        built = build(settings, loaded)
+        history = fit(settings, loaded, built)
+        if not ranks.main:
+            help_write(settings, loaded, built)
+            return {}
+        with _disk_full_guard(settings, built.model):
+            summary = write(settings, loaded, built, history, started=start)
     print_summary(summary, settings.output_dir)
     return summary
 
@@ -429,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if summary["checkpoint_error"]:
+    if summary.get("checkpoint_error"):
         print(
             f"error: {summary['checkpoint_error']} (the model and results were written)",
             file=sys.stderr,

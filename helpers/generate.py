@@ -302,6 +302,7 @@ def generate_responses(
     settings: GenerationSettings = GenerationSettings(),
     *,
     progress: bool = True,
+    part: tuple[int, int] = (0, 1),
 ) -> list[str]:
     """The model's response text to each entry's formatted prompt, in the entries' order.
 
@@ -310,14 +311,18 @@ def generate_responses(
     text with the header removed and stripped, nothing else cut (`extract_response(...,
     chapter_compat=True)`). The chapter generates one entry at a time: `batch_size=1` also
     avoids padding. With a `seed`, batch number i is sampled with seed + its first index.
+    `part=(index, count)` answers only batches index, index + count, ... ("" elsewhere): the
+    ranks of a distributed run split the batches so (helpers.run.distributed.gather_parts).
     """
     style, compat = settings.style, settings.chapter_compat
     prompts = [encode(format_prompt(e, style, chapter_compat=compat)) for e in entries]
     # Batches of similar length waste little compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="Generating", unit="entry", disable=not progress)
-    for start in range(0, len(order), settings.batch_size):
+    starts = range(0, len(order), settings.batch_size)[part[0] :: part[1]]
+    total = sum(len(order[s : s + settings.batch_size]) for s in starts)
+    bar = tqdm(total=total, desc="Generating", unit="entry", disable=not progress)
+    for start in starts:
         chunk = order[start : start + settings.batch_size]
         seed = None if settings.seed is None else settings.seed + start
         new = generate_batch(model, [prompts[i] for i in chunk], replace(settings, seed=seed))
@@ -340,14 +345,17 @@ def generate_test_responses(
     progress: bool = True,
     response_key: str = RESPONSE_KEY,
     extra_metadata: Mapping[str, Any] | None = None,
+    answers: Sequence[str] | None = None,
 ) -> ResponseSet:
     """Answer every entry with `generate_responses` (greedy by default); save to `path` if given.
 
     The metadata records model, checkpoint, prompt style and generation settings (with
     `chapter_compat`, the chapter's prompt and extraction), plus `extra_metadata` (e.g. the
-    fine-tuning options that produced the model).
+    fine-tuning options that produced the model). `answers`: already generated (e.g. by
+    the ranks of a distributed run); the model is not run.
     """
-    answers = generate_responses(model, list(entries), settings, progress=progress)
+    if answers is None:
+        answers = generate_responses(model, list(entries), settings, progress=progress)
     out = [{**dict(e), response_key: a} for e, a in zip(entries, answers, strict=True)]
     metadata = {
         "model": model_name,

@@ -8,6 +8,8 @@ for an exact resume (the format lives in helpers.run.checkpoints). Settings come
 `TrainConfig` (hyper-parameters) and `RunOptions` (progress, logging, checkpoints), both in
 helpers.run.train_config. What is minimised is an `Objective`: by default the chapter's
 next-token loss (`next_token_objective`); DPO (helpers.dpo.train) brings its own.
+Launched by `torchrun`, the same loop trains data-parallel (helpers.run.distributed): each
+rank takes its rows of every batch, and the numbers are those of one process.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ from torch.utils.data import DataLoader
 from helpers.batching import IGNORE_INDEX
 from helpers.model import eval_mode
 from helpers.run.checkpoints import CHAPTER_OBJECTIVE, TrainState
+from helpers.run.distributed import (
+    DistributedError,
+    Ranks,
+    all_finite,
+    batch_rows,
+    check_same,
+    current,
+    data_parallel,
+    first_signal,
+    gradient_sync,
+    ignoring_signals,
+    loss_scale,
+    peer_failure,
+    rank_rows,
+    split_evaluation,
+    worker_options,
+)
 from helpers.run.train_config import RunOptions, TrainConfig, lr_factor
 from helpers.run.train_extensions import (
     LossWatch,
@@ -34,6 +53,7 @@ from helpers.run.train_extensions import (
     TrainingInterrupted,
     autocast,
     check_finite,
+    deterministic_mode,
     epoch_batches,
     finish_gradients,
     pending_evaluation,
@@ -170,6 +190,11 @@ class Objective:
     tokens_seen and lr, and `describe(row)` is the log line after "Ep 1 (Step 000000): ".
     A checkpoint records `name` and `identity` (e.g. DPO's reference model) and resumes
     only a run with the same.
+
+    Under torchrun each rank's `batch_loss` gets its rows of the batch, and is weighted by
+    its share of `batch_weight(batch)`, what the loss is a mean over (default: the rows);
+    each rank's `evaluate` gets its share of the evaluated batches, so its train_* and
+    val_* metrics must be means over batches (helpers.run.distributed.split_evaluation).
     """
 
     name: str  # also the progress bar's label
@@ -179,6 +204,7 @@ class Objective:
     columns: tuple[str, ...]
     describe: Callable[[Mapping[str, Any]], str]
     identity: Mapping[str, str] = field(default_factory=dict)
+    batch_weight: Callable[[Any], float] = batch_rows
 
     def record(self) -> dict[str, str]:
         """What a checkpoint records of the objective (a resume must match it)."""
@@ -192,6 +218,11 @@ def _next_token_loss(model: torch.nn.Module, batch: Any, device: torch.device) -
 
 def _input_tokens(batch: Any) -> int:
     return batch[0].numel()
+
+
+def _target_tokens(batch: Any) -> int:
+    # What calc_loss_batch's mean is over: the targets it does not ignore.
+    return int((batch[1] != IGNORE_INDEX).sum())
 
 
 def _losses_line(row: Mapping[str, Any]) -> str:
@@ -221,6 +252,7 @@ def next_token_objective(*, batched: bool = False) -> Objective:
         evaluate=evaluate,
         columns=tuple(HISTORY_COLUMNS),
         describe=_losses_line,
+        batch_weight=_target_tokens,
     )
 
 
@@ -255,6 +287,8 @@ class _Run:
     callback: HistoryCallback | None
     state: TrainState = field(default_factory=TrainState)
     bar: Any = None  # the progress bar
+    ranks: Ranks = field(default_factory=Ranks)  # a single process unless under torchrun
+    trainer: torch.nn.Module | None = None  # what trains: `model`, or its DDP wrapper
 
     def finished(self) -> bool:
         """All epochs done, stopped early, or `options.max_steps` reached."""
@@ -275,6 +309,19 @@ class _Run:
             self.evaluate(owed)
         return batches
 
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """The loss to back-propagate: the batch's, or this rank's weighted share of it."""
+        if not self.ranks.active:
+            loss = self.objective.batch_loss(self.model, batch, self.device)
+            self.watch.add(loss, self.state)  # checked for NaN at evaluations, epoch ends...
+            return loss
+        rows = rank_rows(batch, self.ranks)
+        loss = self.objective.batch_loss(self.trainer or self.model, rows, self.device)
+        mine = self.objective.batch_weight(rows)
+        if mine:  # rows without a target: a NaN mean with weight 0 (its gradient is 0)
+            self.watch.add(loss, self.state)
+        return loss * loss_scale(mine, self.objective.batch_weight(batch), self.ranks)
+
     def train_step(self, batch: Any) -> int | None:
         """The chapter's batch body: loss, backward, optimizer step.
 
@@ -283,12 +330,13 @@ class _Run:
         """
         state, config = self.state, self.config
         with autocast(self.device, config.bf16):
-            loss = self.objective.batch_loss(self.model, batch, self.device)
-        self.watch.add(loss, state)  # checked for NaN at evaluations, checkpoints, epoch ends
-        (loss / config.grad_accum_steps).backward()
+            loss = self.batch_loss(batch)
         state.batches += 1
-        state.tokens_seen += self.objective.batch_tokens(batch)
-        if not step_due(state, config, len(self.train_loader)):
+        state.tokens_seen += self.objective.batch_tokens(batch)  # the global batch's
+        due = step_due(state, config, len(self.train_loader))
+        with gradient_sync(self.trainer or self.model, due):  # DDP: all-reduce when due
+            (loss / config.grad_accum_steps).backward()
+        if not due:
             return None  # accumulate more micro-batches before the optimizer step
         finish_gradients(self.model, state, config)
         self.checkpointer.weights_changing()
@@ -303,11 +351,15 @@ class _Run:
 
     def evaluate(self, step: int) -> None:
         """The chapter's evaluation after `step`: a history row, the 'Ep ...' line, early stop."""
-        self.watch.check()  # the training losses since the last evaluation
+        all_finite(self.watch.check, self.ranks)  # the training losses since the last one
         state, model = self.state, self.model
         with autocast(self.device, self.config.bf16):
-            metrics = self.objective.evaluate(
-                model, self.train_loader, self.val_loader, self.device, self.config.eval_iter
+            metrics = split_evaluation(  # under torchrun: split between the ranks
+                self.objective.evaluate,
+                model,
+                (self.train_loader, self.val_loader),
+                self.device,
+                self.config.eval_iter,
             )
         check_finite(metrics["val_loss"], "validation loss", step, state)
         check_finite(metrics["train_loss"], "training loss (evaluation)", step, state)
@@ -323,15 +375,51 @@ class _Run:
             tqdm.write(f"Ep {state.epoch + 1} (Step {step:06d}): {self.objective.describe(values)}")
         self.bar.set_postfix(train=f"{metrics['train_loss']:.3f}", val=f"{metrics['val_loss']:.3f}")
         update_early_stopping(state, self.config, model)
-        if self.callback is not None:
+        if self.callback is not None and self.ranks.main:
             self.callback(self.history())
 
     def end_epoch(self, on_epoch_end: EpochEndCallback | None) -> None:
-        """After the epoch's last batch: NaN check, next epoch, the chapter's sample."""
-        self.watch.check()
+        """After the epoch's last batch: NaN check, next epoch, the chapter's sample (rank 0)."""
+        all_finite(self.watch.check, self.ranks)
         self.state.epoch, self.state.batches = self.state.epoch + 1, 0
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and self.ranks.main:
             on_epoch_end(self.model, self.state.epoch)
+
+    def check_stop(self, stop: StopSignals) -> None:
+        """Stop between batches after Ctrl-C, SIGTERM or SIGHUP; every rank at the same one."""
+        stop.received = first_signal(stop.received, self.ranks)
+        stop.check()
+
+    def loop(self, stop: StopSignals, on_epoch_end: EpochEndCallback | None) -> None:
+        """The chapter's loop over epochs and batches, with the extensions' hooks."""
+        trainer = self.trainer or self.model
+        while not self.finished():  # the chapter: for epoch in range(num_epochs)
+            trainer.train()
+            for batch in self.epoch_batches():
+                self.check_stop(stop)
+                step = self.train_step(batch)
+                if step is None:
+                    continue  # gradient accumulation: more micro-batches first
+                if step % self.config.eval_freq == 0:
+                    self.evaluate(step)
+                self.checkpointer.periodic()
+                if self.finished():
+                    break
+            else:  # the epoch ran to its end
+                self.end_epoch(on_epoch_end)
+        all_finite(self.watch.check, self.ranks)  # before the last checkpoint
+
+    def peer_failure(self, exc: RuntimeError) -> DistributedError | None:
+        """Another rank died (a distributed run): save what rank 0 can; the one-line error."""
+        with ignoring_signals():  # torchrun's SIGTERM to the survivors: report and save first
+            failure = peer_failure(exc, self.ranks)
+            # The snapshot is whole: the ranks' steps are in lockstep.
+            saved = self.checkpointer.save(check=False) if failure is not None else None
+        if failure is None:
+            return None
+        if saved is not None:
+            return DistributedError(f"{failure}; checkpoint saved in {saved}: rerun with --resume")
+        return failure
 
     def history(self) -> pd.DataFrame:
         """The history so far as a DataFrame (see `train`)."""
@@ -383,6 +471,8 @@ def _start(
         optimizer, lambda s: lr_factor(s, total_steps, config)
     )
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loaders": loaders}
+    ranks = current()
+    options = worker_options(options, ranks)  # only rank 0 writes checkpoints and prints
     watch = LossWatch()
     saver = RunCheckpointer(options, config, parts, watch, objective.record())
     run = _Run(
@@ -399,7 +489,11 @@ def _start(
         watch=watch,
         callback=callback,
         state=saver.start(resume_from),
+        ranks=ranks,
     )
+    if ranks.active:
+        _check_ranks_agree(run, saver)
+        run.trainer = data_parallel(model, device)  # copies rank 0's weights to every rank
     shown = min(total_steps, options.max_steps or total_steps)  # the bar's total
     run.bar = tqdm(
         total=shown,
@@ -409,6 +503,20 @@ def _start(
         disable=not options.progress,
     )
     return run
+
+
+def _check_ranks_agree(run: _Run, saver: RunCheckpointer) -> None:
+    """Refuse a distributed run whose ranks have other settings, data, model or start."""
+    shapes = [(name, tuple(p.shape), p.requires_grad) for name, p in run.model.named_parameters()]
+    check_same(
+        "training settings",
+        {
+            **saver.identity(),
+            "max_steps": run.options.max_steps,
+            "parameters": shapes,
+            "resumed at step": run.state.step,
+        },
+    )
 
 
 def train(
@@ -434,6 +542,9 @@ def train(
     seed the loader was built with), so a resumed run replays the same batches. Ctrl-C,
     SIGTERM and SIGHUP save a checkpoint (with `options.checkpoint_dir`) and raise
     TrainingInterrupted. `objective`: what to minimise (default: the chapter's loss).
+    Under torchrun (a joined process group) it trains with DistributedDataParallel: the
+    loaders' batches are global, each rank trains on its rows, only rank 0 saves
+    checkpoints and calls `callback` and `on_epoch_end`; the others get the same history.
     """
     config, options = config or TrainConfig(), options or RunOptions()
     if len(train_loader) == 0 or len(val_loader) == 0:
@@ -444,21 +555,14 @@ def train(
         model, (train_loader, val_loader), device, config, options, objective, callback, resume_from
     )
     try:
-        with run.bar, StopSignals(options.handle_signals) as stop:
-            while not run.finished():  # the chapter: for epoch in range(num_epochs)
-                model.train()
-                for batch in run.epoch_batches():
-                    stop.check()  # Ctrl-C, SIGTERM, SIGHUP: stop between batches
-                    step = run.train_step(batch)
-                    if step is None:
-                        continue  # gradient accumulation: more micro-batches first
-                    if step % config.eval_freq == 0:
-                        run.evaluate(step)
-                    run.checkpointer.periodic()
-                    if run.finished():
-                        break
-                else:  # the epoch ran to its end
-                    run.end_epoch(on_epoch_end)
+        one_thread = deterministic_mode(options.deterministic)
+        with run.bar, StopSignals(options.handle_signals) as stop, one_thread:
+            run.loop(stop, on_epoch_end)
     except KeyboardInterrupt as exc:
         raise run.checkpointer.interrupted(exc, run.state) from exc
+    except RuntimeError as exc:  # under torchrun: did another rank die?
+        failure = run.peer_failure(exc)
+        if failure is None:
+            raise
+        raise failure from exc
     return run.finish(stop)

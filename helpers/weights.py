@@ -174,7 +174,16 @@ GPT2_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     # helpers.atomic: readers see the old file or the complete new one, never half of one.
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:
+            # safetensors reports a full disk as "... I/O error: No space left on device
+            # (os error 28)": raise it as the OSError it is, naming the file.
+            found = re.search(r"os error (\d+)", str(err))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from err
         fsync_file(tmp)
 
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,11 @@ def source_notebooks() -> list[Path]:
     return sorted(NOTEBOOKS.glob("0*.ipynb"))
 
 
-def _nbgrader(args: list[str], course_dir: Path, log: Path) -> int:
-    """Run one `nbgrader` command on `course_dir`, its log appended to `log`; its exit code."""
+def _nbgrader(args: list[str], course_dir: Path, log: Path, limit_s: float | None = None) -> int:
+    """Run one `nbgrader` command on `course_dir`, its log appended to `log`; its exit code.
+
+    Past `limit_s` seconds the command is stopped (subprocess.TimeoutExpired).
+    """
     env = dict(os.environ)
     # nbgrader runs `alembic` (its database migrations) from PATH: the environment's own.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -53,6 +57,7 @@ def _nbgrader(args: list[str], course_dir: Path, log: Path) -> int:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            timeout=limit_s,
             check=False,
         ).returncode
 
@@ -152,6 +157,15 @@ def _read_notebook(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, "not a Jupyter notebook (no list of cells)"
     if nb.get("nbformat") != 4:
         return None, f"not a notebook in format 4 (nbformat {nb.get('nbformat')!r})"
+    import nbformat  # here: `student` needs no notebook validation
+
+    try:
+        with warnings.catch_warnings():  # e.g. cells without ids: nbformat fixes those itself
+            warnings.simplefilter("ignore")
+            nbformat.validate(nb)
+    except nbformat.ValidationError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid"
+        return None, f"not a valid notebook ({first[:120]})"
     return nb, ""
 
 
@@ -175,12 +189,14 @@ def identify(path: Path, sources: Sources) -> Result:
     expected = _grade_ids(sources[best])
     for name in sorted(expected.keys() - ids.keys()):
         what = "check" if expected[name]["grade"] and not expected[name]["solution"] else "answer"
-        fix = "put back by the grader" if what == "check" else "its checks cannot pass"
+        fix = "put back by the grader" if what == "check" else "its part fails if its code is gone"
         result.problems.append(
             f"{path}: {what} cell {name!r} is missing (deleted or renamed): {fix}"
         )
     for name in sorted(ids.keys() - expected.keys()):
-        result.problems.append(f"{path}: cell {name!r} is not part of {best} (renamed?): ignored")
+        result.problems.append(
+            f"{path}: cell {name!r} is not part of {best} (renamed?): graded as a plain cell"
+        )
     return result
 
 
@@ -238,13 +254,38 @@ def grade(paths: list[Path], timeout: int, keep: Path | None = None) -> list[Res
     try:
         generate(course_dir)
         for k, result in enumerate(gradable, start=1):
-            _autograde_one(course_dir, f"submission-{k:02d}", result, sources, timeout)
+            try:
+                _autograde_one(course_dir, f"submission-{k:02d}", result, sources, timeout)
+            except Exception as err:  # one submission's failure must not stop the others
+                result.problems.append(f"{result.submission}: could not be graded: {err}")
+                result.notebook, result.parts = None, []
         if keep is not None:
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(course_dir / "autograded", keep)
     finally:
         shutil.rmtree(course_dir, ignore_errors=True)
     return results
+
+
+def _write_clean(submission: Path, source: dict[str, Any], dest: Path) -> None:
+    """The submission with nbgrader metadata only where the source has it, as the source has it.
+
+    A cell whose grade id the source does not know (renamed, made up, malformed) becomes a plain
+    cell: its code still runs, nbgrader does not trip over it. Known cells get the source's
+    metadata back (points, lock), as nbgrader would restore them anyway.
+    """
+    nb = json.loads(submission.read_text(encoding="utf-8"))
+    known = _grade_ids(source)
+    for cell in nb["cells"]:
+        meta = cell.get("metadata")
+        if not isinstance(meta, dict) or "nbgrader" not in meta:
+            continue
+        grade_id = meta["nbgrader"].get("grade_id") if isinstance(meta["nbgrader"], dict) else None
+        if grade_id in known:
+            meta["nbgrader"] = dict(known[grade_id])
+        else:
+            del meta["nbgrader"]
+    dest.write_text(json.dumps(nb), encoding="utf-8")
 
 
 def _autograde_one(
@@ -254,7 +295,9 @@ def _autograde_one(
     assert result.notebook is not None
     submitted = course_dir / "submitted" / student / ASSIGNMENT
     submitted.mkdir(parents=True)
-    shutil.copyfile(result.submission, submitted / f"{result.notebook}.ipynb")
+    _write_clean(
+        Path(result.submission), sources[result.notebook], submitted / f"{result.notebook}.ipynb"
+    )
     log = course_dir / f"autograde-{student}.log"
     args = [
         "autograde",
@@ -264,7 +307,12 @@ def _autograde_one(
         f"--Execute.timeout={timeout}",
         "--OverwriteCells.add_missing_cells=True",
     ]
-    code = _nbgrader(args, course_dir, log)
+    # Each cell has `timeout` seconds; a kernel that ignores the interrupt runs into this limit.
+    cells = len(sources[result.notebook]["cells"])
+    try:
+        code = _nbgrader(args, course_dir, log, limit_s=timeout * (cells + 2))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"stopped after {timeout * (cells + 2)} s") from None
     autograded = course_dir / "autograded" / student / ASSIGNMENT / f"{result.notebook}.ipynb"
     if code != 0 or not autograded.is_file():
         result.problems.append(f"{result.submission}: could not be graded: {_log_errors(log)}")
@@ -286,7 +334,7 @@ def report(result: Result) -> str:
     if not result.notebook:
         lines.append("Total: 0 points (nothing could be graded)")
         return "\n".join(lines)
-    width = max(len(p.name) for p in result.parts)
+    width = max((len(p.name) for p in result.parts), default=0)
     for p in result.parts:
         lines.append(
             f"  {p.name:<{width}}  {_points(p.points):>3} / {p.max_points:g}  {p.message}".rstrip()

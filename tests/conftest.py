@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -75,3 +76,43 @@ def nan_after() -> Callable[..., torch.nn.Module]:
             return logits * float("nan") if self.calls < 0 else logits
 
     return NaNAfter
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Callable[..., None]]:
+    """`full_disk(calls, free_after=1 MiB)`: checkpoint writes (torch.save) succeed `calls` more
+    times, then fail as on a full disk: part of the file written, OSError(ENOSPC), and from
+    then on shutil.disk_usage reports `free_after` bytes free. Returns `make_room(free=None)`:
+    writes succeed again, and disk_usage reports `free` bytes (None: the real figure)."""
+    import shutil
+
+    import torch
+
+    real_save, real_usage = torch.save, shutil.disk_usage
+    reported: list[int | None] = [None]  # the free space disk_usage reports (None: real)
+
+    def usage(path: Any) -> Any:
+        found = real_usage(path)
+        return found if reported[0] is None else found._replace(free=reported[0])
+
+    def fill_after(calls: int, free_after: int = 2**20) -> Callable[..., None]:
+        left = [calls]
+
+        def save(obj: object, path: Any, *args: Any, **kwargs: Any) -> None:
+            if left[0] <= 0:
+                with open(path, "wb") as f:
+                    f.write(b"the part that fitted")
+                reported[0] = free_after
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            left[0] -= 1
+            real_save(obj, path, *args, **kwargs)
+
+        def make_room(free: int | None = None) -> None:
+            reported[0] = free
+            monkeypatch.setattr(torch, "save", real_save)
+
+        monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr(shutil, "disk_usage", usage)
+        return make_room
+
+    return fill_after

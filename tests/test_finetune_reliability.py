@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import helpers.finetune as finetune
 from helpers.config import TINY_RUN_DEFAULTS, run_defaults
 from helpers.run.checkpoints import load_checkpoint
 from helpers.run.cli import DEFAULT_CHECKPOINT_MINUTES, build_parser, settings_from_args
-from helpers.run.train_config import TrainConfig
+from helpers.run.train_config import RunOptions, TrainConfig
 from helpers.run.train_extensions import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +194,100 @@ def test_resume_refuses_other_settings_and_other_data(
     other.write_text(json.dumps(entries), encoding="utf-8")
     assert finetune.main(_args(other, out, "--resume")) == 2
     _one_line_error(capsys, "data differ")
+
+
+# --- a disk that fills up, an unreadable checkpoint, determinism ------------------------
+
+
+def test_a_disk_that_fills_mid_run_stops_and_resume_finishes_the_run(
+    chapter_data_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    full_disk: Callable[..., Callable[..., None]],
+) -> None:
+    flags = ("--deterministic", "--checkpoint-every", "2")  # 8 steps: checkpoints 2, 4, 6, 8
+    assert finetune.main(_args(chapter_data_path, tmp_path / "full", *flags)) == 0
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    make_room = full_disk(1, free_after=2**20)  # step 2's checkpoint fits, step 4's does not
+    capsys.readouterr()
+    assert finetune.main(_args(chapter_data_path, out, *flags)) == 2
+    err = _one_line_error(capsys, f"disk full: cannot write checkpoint {ckpt / 'checkpoint.pt'}")
+    assert "the last good checkpoint (step 2) is intact" in err and "rerun with --resume" in err
+    assert load_checkpoint(ckpt).state.step == 2 and not (out / "tiny-sft.safetensors").exists()
+    found = re.search(r"free at least (\d+) MiB there", err)
+    assert found, err
+    freed = (int(found.group(1)) + 1) * 2**20  # as much as it says (+1: it rounds)
+
+    make_room(free=2**20)  # nothing freed yet: refused before training, one line
+    assert finetune.main(_args(chapter_data_path, out, *flags, "--resume")) == 2
+    _one_line_error(capsys, "MiB free", str(out))
+    make_room(free=2**20 + freed)  # freed what it asked for: the resume finishes the run
+    assert finetune.main(_args(chapter_data_path, out, *flags, "--resume")) == 0
+    # Less than a new run's model and checkpoint: the existing checkpoint's space is reused.
+    new_run = sum(f.stat().st_size for f in (out / "tiny-sft.safetensors", ckpt / "checkpoint.pt"))
+    assert 2**20 + freed < new_run
+    history = (out / finetune.HISTORY_NAME).read_text()
+    assert (
+        history == (tmp_path / "full" / finetune.HISTORY_NAME).read_text()
+    )  # the same run, exactly
+
+
+def test_a_disk_full_while_writing_the_model_keeps_the_run_for_resume(
+    chapter_data_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from safetensors import SafetensorError
+
+    import helpers.weights
+
+    def no_space(*args: Any, **kwargs: Any) -> None:  # what safetensors raises on a full disk
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    real = helpers.weights.save_file
+    monkeypatch.setattr(helpers.weights, "save_file", no_space)
+    out = tmp_path / "run"
+    assert finetune.main(_args(chapter_data_path, out)) == 2
+    model = out / "tiny-sft.safetensors"
+    err = _one_line_error(capsys, f"disk full: cannot write the results into {out}", str(model))
+    assert f"the trained run is in {out / 'checkpoints'}" in err and "rerun with --resume" in err
+    assert not model.exists() and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(helpers.weights, "save_file", real)
+    assert finetune.main(_args(chapter_data_path, out, "--resume")) == 0
+    assert model.is_file() and (out / "summary.json").is_file()
+    assert load_checkpoint(out / "checkpoints").state.step == 8  # the run was complete
+
+
+def test_resume_from_an_unreadable_checkpoint_names_it_without_torch_advice(
+    chapter_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "run" / "checkpoints" / "checkpoint.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x80\x04not really a pickle")
+    assert finetune.main(_args(chapter_data_path, tmp_path / "run", "--resume")) == 2
+    err = _one_line_error(capsys, f"cannot read {bad}: not a course training checkpoint")
+    assert "weights_only" not in err
+
+
+def test_deterministic_is_a_flag_generated_from_run_options(
+    chapter_data_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = {a.dest: a for a in build_parser()._actions}
+    (help_text,) = (f.metadata["help"] for f in fields(RunOptions) if f.name == "deterministic")
+    assert flags["deterministic"].help == help_text
+    assert settings_from_args(build_parser().parse_args(["--deterministic"])).deterministic
+    seen: list[RunOptions] = []
+
+    def capture(*args: Any, options: RunOptions, **kwargs: Any) -> None:
+        seen.append(options)
+        raise FloatingPointError("stop here")
+
+    monkeypatch.setattr(finetune, "train", capture)
+    assert finetune.main(_args(chapter_data_path, tmp_path / "run", "--deterministic")) == 2
+    assert seen[0].deterministic is True
 
 
 # --- real signals to a real process --------------------------------------------------

@@ -322,8 +322,10 @@ def test_bad_submissions_get_one_line_per_problem_and_a_score(
         "exercise_2_prompt_style": (2, 2),
     }
 
-    assert any("'my_style' is not part of 01_dataset_formatting" in p for p in renamed["problems"])
-    assert any("'exercise_2_code' is missing" in p for p in renamed["problems"])
+    assert len(renamed["problems"]) == 2, renamed["problems"]
+    assert "'my_style' is not part of 01_dataset_formatting" in "".join(renamed["problems"])
+    assert "'exercise_2_code' is missing" in "".join(renamed["problems"])
+    assert renamed["points"] == renamed["max_points"] == 5  # the renamed cell's code still ran
 
     assert not looping["problems"]
     assert _points(looping) == {

@@ -18,6 +18,7 @@ from helpers.model import GPTModel
 from helpers.run.checkpoints import (
     Checkpoint,
     CheckpointError,
+    DiskFullError,
     TrainState,
     data_fingerprint,
     load_checkpoint,
@@ -145,6 +146,89 @@ def test_a_full_disk_is_named_and_training_finishes(
     )
     assert list((tmp_path / "ckpt").iterdir()) == []  # no temp file left behind
     assert len(history) == 2  # training was not lost to the failed save
+
+
+def _same_run(a: tuple[Any, GPTModel], b: tuple[Any, GPTModel]) -> None:
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(a[0], b[0], check_exact=True)
+    for key, value in a[1].state_dict().items():
+        assert torch.equal(value, b[1].state_dict()[key]), key
+
+
+def test_a_disk_that_fills_mid_run_stops_and_resume_finishes_the_same_run(
+    small_config: GPTConfig, tmp_path: Path, full_disk: Callable[..., Callable[..., None]]
+) -> None:
+    cfg = TrainConfig(num_epochs=2, lr=1e-3, eval_freq=2, eval_iter=1)
+    options = _opts(tmp_path, checkpoint_every=2, deterministic=True)  # steps 2, 4, 6, 8
+
+    def run(**kw: Any) -> tuple[Any, GPTModel]:
+        model = _model(small_config)
+        val = _loader(shuffle=False)  # as validation loaders are (a shuffled one is not resumed)
+        return train(model, _loader(), val, config=cfg, options=options, **kw), model
+
+    full = run()
+    (tmp_path / "ckpt" / "checkpoint.pt").unlink()
+    free = full_disk(1)  # the step-2 checkpoint fits, the step-4 one does not
+    with pytest.raises(DiskFullError) as err:
+        run()
+    message = str(err.value)
+    folder = tmp_path / "ckpt"
+    assert message.startswith(f"disk full: cannot write checkpoint {folder / 'checkpoint.pt'}")
+    assert "the last good checkpoint (step 2) is intact: free at least" in message
+    assert message.endswith("and rerun with --resume") and "\n" not in message
+    size = (folder / "checkpoint.pt").stat().st_size
+    assert err.value.folder == folder and err.value.free == 2**20  # what full_disk left
+    assert size <= err.value.needed < size + 2**21  # a checkpoint beside the one it replaces
+    assert f"free at least {(err.value.needed - 2**20) / 2**20:.0f} MiB there" in message
+    assert [p.name for p in folder.iterdir()] == ["checkpoint.pt"]  # no temp file left
+    assert load_checkpoint(folder).state.step == 2  # stopped there, not trained on unsaved
+    free()
+    _same_run(run(resume_from=folder), full)  # space freed: the resume ends the same run
+
+
+def test_a_disk_full_before_any_checkpoint_says_rerun_without_resume(
+    small_config: GPTConfig, tmp_path: Path, full_disk: Callable[..., Callable[..., None]]
+) -> None:
+    full_disk(0)
+    with pytest.raises(DiskFullError) as err:
+        train(
+            _model(small_config),
+            _loader(),
+            _loader(),
+            config=CFG,
+            options=_opts(tmp_path, checkpoint_every=1),
+        )
+    assert "training stopped before any checkpoint was saved" in str(err.value)
+    assert (
+        str(err.value).endswith("and rerun") and not (tmp_path / "ckpt" / "checkpoint.pt").exists()
+    )
+
+
+def test_deterministic_runs_are_identical_and_leave_the_settings_as_they_were(
+    small_config: GPTConfig,
+) -> None:
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    seen: list[tuple[int, bool]] = []
+
+    def run() -> tuple[Any, GPTModel]:
+        model = _model(small_config)
+        options = RunOptions(progress=False, log_evals=False, deterministic=True)
+        history = train(
+            model,
+            _loader(),
+            _loader(),
+            config=CFG,
+            options=options,
+            callback=lambda h: seen.append(
+                (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+            ),
+        )
+        return history, model
+
+    _same_run(run(), run())
+    assert seen and set(seen) == {(1, True)}  # while training: one thread, deterministic
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
 
 
 def test_an_unusable_checkpoint_folder_stops_before_training(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from helpers.config import resolve_model_name
 from helpers.dpo.train import BOOK_DPO_DEFAULTS, TINY_DPO_DEFAULTS, DPOConfig, dpo_run_defaults
-from helpers.prompts import PROMPT_STYLES
+from helpers.prompts import PROMPT_STYLES, chapter_compat_from_env
 from helpers.run.fields import (
     add_dataclass_flags,
     boolean,
@@ -31,11 +31,11 @@ from helpers.run.fields import (
     text,
     validate,
 )
+from helpers.run.train_config import RunOptions
 
 if TYPE_CHECKING:  # imported when needed: `--help` stays fast
     from helpers.batching import Loaders
     from helpers.model import GPTModel
-    from helpers.run.train_config import RunOptions
 from helpers.runtime import (
     course_model,
     describe_model,
@@ -85,11 +85,25 @@ class DPOSettings:
     style: str = setting(
         "alpaca", "prompt style", one_of(*PROMPT_STYLES), choices=tuple(PROMPT_STYLES)
     )
+    # Chapter-faithful mode, as helpers.finetune's: here the book's DPO notebook.
+    chapter_compat: bool | None = setting(
+        None,
+        "chapter-faithful mode: the book's pair batches (padded to the longest + 1, "
+        "'### Response:' counted as answer), its shuffling (global random state after "
+        "torch.manual_seed(seed)) and its rewards (log-ratio, not beta x log-ratio) "
+        "(default: $COURSE_CHAPTER_COMPAT, else off)",
+        optional(boolean),
+        action=argparse.BooleanOptionalAction,
+    )
     epochs: int = setting_like(DPOConfig, "num_epochs")
     lr: float | None = setting_like(DPOConfig, "lr", None)
     weight_decay: float = setting_like(DPOConfig, "weight_decay")
     beta: float = setting_like(DPOConfig, "beta")
-    batch_size: int | None = setting(None, "pairs per batch", optional(positive_int))
+    batch_size: int | None = setting(
+        None,
+        "pairs per batch (under torchrun: the global batch, split between the processes)",
+        optional(positive_int),
+    )
     max_length: int | None = setting(None, "cut sequences to N tokens", optional(positive_int))
     eval_freq: int | None = setting_like(DPOConfig, "eval_freq", None)
     eval_iter: int | None = setting_like(DPOConfig, "eval_iter", None)
@@ -107,6 +121,7 @@ class DPOSettings:
         None, "cpu, cuda, cuda:N, mps (default: best available)", device_problem
     )
     seed: int = setting_like(DPOConfig, "seed")
+    deterministic: bool = setting_like(RunOptions, "deterministic")
     quiet: bool = setting(False, "no progress bars", boolean)
 
     def __post_init__(self) -> None:
@@ -195,6 +210,7 @@ def _settings(args: argparse.Namespace, checkpoint_dir: Path) -> tuple[DPOConfig
         checkpoint_minutes=DEFAULT_CHECKPOINT_MINUTES,  # a killed run loses at most this much
         max_steps=args.max_steps,
         progress=not args.quiet,
+        deterministic=args.deterministic,
     )
     return config, options
 
@@ -209,6 +225,7 @@ def _loaders(args: argparse.Namespace, splits: Any, policy: GPTModel, device: An
         allowed_max_length=min(args.max_length, policy.cfg.context_length),
         device=device,
         seed=args.seed,
+        chapter_compat=args.chapter_compat,
     )
 
 
@@ -225,7 +242,10 @@ def _write_outputs(
 
     reference, policy = models
     gen = GenerationSettings(
-        style=args.style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+        style=args.style,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chapter_compat=args.chapter_compat,
     )
     responses = write_responses(
         out, reference, policy, entries, metadata=meta, settings=gen, progress=not args.quiet
@@ -237,12 +257,41 @@ def _write_outputs(
     return [responses, model]
 
 
+# Flags that may differ between the nodes of a distributed run (paths, device, output).
+_LOCAL_FLAGS = ("sft_checkpoint", "data", "output_dir", "device", "quiet")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train with parsed `args`; returns the summary it also writes to summary.json."""
+    """Train with parsed `args`; returns the summary it also writes to summary.json.
+
+    Under `torchrun --nproc_per_node=N` it trains data-parallel (helpers.run.distributed):
+    --batch-size is the global batch, rank 0 alone writes the files and answers the
+    validation prompts; the other ranks return {}.
+    """
+    from helpers.run.distributed import process_group
+
+    with process_group(args.device):
+        return _train_and_write(args)
+
+
+def _train_and_write(args: argparse.Namespace) -> dict[str, Any]:
+    """`run`'s work on one rank: the model, the pairs, DPO training; rank 0 writes."""
     from helpers.dpo.loss import freeze_reference
     from helpers.dpo.outputs import final_metrics, write_history, write_summary
     from helpers.dpo.train import train_dpo  # looked up now: tests replace it
-    from helpers.run.checkpoints import checkpoint_bytes, checkpoint_path, weights_bytes
+    from helpers.run.checkpoints import (
+        checkpoint_bytes,
+        checkpoint_path,
+        file_bytes,
+        space_needed,
+        weights_bytes,
+    )
+    from helpers.run.distributed import (
+        check_batch_size,
+        check_same,
+        current,
+        local_device,
+    )
     from helpers.runtime import check_output_dir
     from helpers.weights import load_model
 
@@ -251,16 +300,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in asdict(dpo_run_defaults(name)).items():
         if getattr(args, key) is None:  # options left out take the model's run defaults
             setattr(args, key, value)
+    if args.chapter_compat is None:  # the course-wide switch, as helpers.finetune reads it
+        args.chapter_compat = chapter_compat_from_env()
+    check_batch_size(args.batch_size)  # under torchrun: the global batch, split by rows
+    check_same("flags", {k: v for k, v in vars(args).items() if k not in _LOCAL_FLAGS})
+    main = current().main  # only rank 0 of a distributed run writes
     out = Path(args.output_dir) if args.output_dir else dpo_run_dir(name)
     if args.resume and not checkpoint_path(out / "checkpoints").is_file():
         raise UsageError(f"--resume: no DPO checkpoint in {out / 'checkpoints'}")
-    check_output_dir(out)  # writable? (before any work)
+    if main:
+        check_output_dir(out)  # writable? (before any work)
     splits = _splits(args)
-    device = get_device(args.device)
+    device = local_device(get_device(args.device))  # under torchrun: GPU LOCAL_RANK
     policy = load_model(sft, device=device)
     reference = freeze_reference(policy)
-    # Fail now, not after training: the folder must take the model and a checkpoint.
-    check_output_dir(out, weights_bytes(policy) + checkpoint_bytes(policy))  # OutputDirError
+    # Fail now, not after training: the folder must take the model and a checkpoint (an
+    # existing checkpoint's space is reused).
+    needed = space_needed(
+        checkpoint_bytes(policy),
+        model_file=weights_bytes(policy),
+        existing=file_bytes(out / "checkpoints"),
+    )
+    if main:
+        check_output_dir(out, needed)  # OutputDirError
     label = describe_model(name, f"instruction-tuned {sft.name}, then DPO")
     print(f"Model: {label} on {device}")
     print(f"Pairs: {len(splits.train)} train, {len(splits.validation)} validation")
@@ -275,7 +337,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         options=options,
         device=device,
         resume_from=options.checkpoint_dir if args.resume else None,
+        chapter_compat=args.chapter_compat,
     )
+    if not main:
+        return {}  # rank 0 writes the files (and the others wait for it)
     meta = {"model": name, "description": label, "sft_checkpoint": str(sft), "beta": args.beta}
     meta.update(max_new_tokens=args.max_new_tokens, decoding="greedy")
     files = write_history(history, out, title=label)
@@ -300,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     signal's number after Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
     from helpers.data import DatasetError, DownloadError
     from helpers.run.checkpoints import CheckpointError
+    from helpers.run.distributed import DistributedError
     from helpers.run.train_extensions import interrupted_report
     from helpers.runtime import OutputDirError
     from helpers.weights import CheckpointMismatchError
@@ -321,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointMismatchError,
         OutputDirError,
         FloatingPointError,
+        OSError,  # e.g. a full disk while writing the results: names the file
+        DistributedError,
     ) as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)

@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from helpers.atomic import atomic_path, atomic_write_text
+from helpers.dpo.loss import BOOK_REWARDS, COURSE_REWARDS, RewardNames
 from helpers.generate import GenerationSettings, generate_responses
 from helpers.model import GPTModel
 from helpers.plots import save_loss_plot
@@ -30,11 +31,17 @@ HISTORY_NAME = "history.csv"
 SUMMARY_NAME = "summary.json"
 
 
+def _rewards(columns: Any) -> RewardNames:
+    """Which rewards a history (or its last row) holds: the book's log-ratio or beta x it."""
+    return BOOK_REWARDS if f"train_{BOOK_REWARDS.margin}" in columns else COURSE_REWARDS
+
+
 def plot_dpo_history(history: Any, *, title: str | None = None) -> Figure:
     """Two panels against the step: DPO loss, and reward margin (chosen minus rejected)."""
     df = pd.DataFrame(history)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    panels = ((ax1, "loss", "DPO loss", "loss"), (ax2, "reward_margin", "Reward margin", "margin"))
+    names = _rewards(df.columns)
+    panels = ((ax1, "loss", "DPO loss", "loss"), (ax2, names.margin, names.margin_label, "margin"))
     for ax, metric, label, short in panels:
         ax.plot(df["step"], df[f"train_{metric}"], label=f"Training {short}")
         ax.plot(df["step"], df[f"val_{metric}"], linestyle="-.", label=f"Validation {short}")
@@ -123,8 +130,10 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         print(
             f"Loss:           train {final['train_loss']:.3f}, validation {final['val_loss']:.3f}"
         )
+        margin = _rewards(final).margin
         print(
-            f"Reward margin:  train {final['train_reward_margin']:.3f}, validation {final['val_reward_margin']:.3f}"
+            f"Reward margin:  train {final[f'train_{margin}']:.3f}, "
+            f"validation {final[f'val_{margin}']:.3f} ({_rewards(final).label})"
         )
     print(f"Time:           {summary['total_minutes']:.2f} min")
     try:

@@ -8,6 +8,12 @@ DPO's own is here: `dpo_objective` (the DPO loss of a batch against the referenc
 evaluation that adds the rewards and their margin to the history), `DPOConfig` (the book's
 settings and beta) and `dpo_run_defaults` (the book's or the tiny preset's run settings).
 `plot_dpo_history` (loss and reward-margin curves) is in helpers.dpo.outputs.
+
+The rewards in the history and the printed lines are the course's, beta x log-ratio
+(columns `*_chosen_reward`, `*_rejected_reward`, `*_reward_margin`); with
+`chapter_compat=True` they are the book's, the log-ratio itself (`*_chosen_logratio`,
+`*_rejected_logratio`, `*_logratio_margin`, 1/beta times larger), printed as the book
+prints them ("Train reward margins ...").
 """
 
 from __future__ import annotations
@@ -24,19 +30,34 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from helpers.config import resolve_model_name
-from helpers.dpo.loss import dpo_loss_batch, dpo_loss_loader, freeze_reference
+from helpers.dpo.loss import (
+    COURSE_REWARDS,
+    dpo_loss_batch,
+    dpo_loss_loader,
+    freeze_reference,
+    reward_names,
+)
 from helpers.model import eval_mode
 from helpers.run.fields import positive_number, setting
 from helpers.run.train_config import RunOptions, TrainConfig
 from helpers.train import Objective, train
 
-METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin")
-HISTORY_COLUMNS = [
-    "step",
-    "epoch",
-    "tokens_seen",
-    *(f"{split}_{m}" for split in ("train", "val") for m in METRICS),
-]
+METRICS = COURSE_REWARDS.metrics  # rewards = beta x log-ratio (the book's: BOOK_REWARDS)
+
+
+def history_columns(chapter_compat: bool = False) -> list[str]:
+    """The DPO history's columns: step, epoch, tokens_seen, then each metric per split."""
+    metrics = reward_names(chapter_compat).metrics
+    return [
+        "step",
+        "epoch",
+        "tokens_seen",
+        *(f"{s}_{m}" for s in ("train", "val") for m in metrics),
+    ]
+
+
+HISTORY_COLUMNS = history_columns()
+BOOK_HISTORY_COLUMNS = history_columns(chapter_compat=True)
 
 
 @dataclass(frozen=True)
@@ -109,21 +130,37 @@ def _pair_tokens(batch: Mapping[str, Any]) -> int:
     return batch["chosen"].numel() + batch["rejected"].numel()
 
 
+def _chosen_tokens(batch: Mapping[str, Any]) -> int:
+    return batch["chosen"].numel()  # the book's tokens_seen counts the chosen rows only
+
+
 def _dpo_line(row: Mapping[str, Any]) -> str:
+    # The course's rewards are beta x log-ratio: say so, the book's numbers are 1/beta larger.
     return (
         f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}, "
-        f"Train margin {row['train_reward_margin']:.3f}, "
-        f"Val margin {row['val_reward_margin']:.3f}"
+        f"{COURSE_REWARDS.margin_label}: train {row['train_reward_margin']:.3f}, "
+        f"val {row['val_reward_margin']:.3f}"
     )
 
 
-def dpo_objective(reference: nn.Module, beta: float) -> Objective:
+def _book_line(row: Mapping[str, Any]) -> str:
+    # The book's own line; its "reward margins" are log-ratio margins (no beta).
+    return (
+        f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}, "
+        f"Train reward margins {row['train_logratio_margin']:.3f}, "
+        f"Val reward margins {row['val_logratio_margin']:.3f}"
+    )
+
+
+def dpo_objective(reference: nn.Module, beta: float, *, chapter_compat: bool = False) -> Objective:
     """DPO against the frozen `reference` as `train`'s objective.
 
     The loss of a batch is `dpo_loss_batch`; each evaluation gives the loss, the chosen and
     rejected rewards and the reward margin on `eval_iter` batches of the training and of
-    the validation pairs (HISTORY_COLUMNS). A checkpoint records the reference's
-    fingerprint: a resume against another reference model is refused.
+    the validation pairs (`history_columns(chapter_compat)`). `chapter_compat=True`: the
+    book's rewards (log-ratio, no beta), its log line and its tokens_seen (chosen rows
+    only). A checkpoint records the reference's fingerprint: a resume against another
+    reference model is refused.
     """
 
     def batch_loss(policy: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
@@ -136,17 +173,25 @@ def dpo_objective(reference: nn.Module, beta: float) -> Objective:
         row: dict[str, float] = {}
         with eval_mode(policy):
             for split, loader in (("train", train), ("val", val)):
-                res = dpo_loss_loader(loader, policy, reference, beta, device, eval_iter)
+                res = dpo_loss_loader(
+                    loader,
+                    policy,
+                    reference,
+                    beta,
+                    device,
+                    eval_iter,
+                    chapter_compat=chapter_compat,
+                )
                 row.update({f"{split}_{k}": v for k, v in res.items()})
         return row
 
     return Objective(
         name="DPO",
         batch_loss=batch_loss,
-        batch_tokens=_pair_tokens,
+        batch_tokens=_chosen_tokens if chapter_compat else _pair_tokens,
         evaluate=evaluate,
-        columns=tuple(HISTORY_COLUMNS),
-        describe=_dpo_line,
+        columns=tuple(history_columns(chapter_compat)),
+        describe=_book_line if chapter_compat else _dpo_line,
         identity={"reference model": state_fingerprint(reference)[:16]},
     )
 
@@ -162,12 +207,15 @@ def train_dpo(
     device: str | torch.device | None = None,
     resume_from: str | os.PathLike[str] | None = None,
     callback: Callable[[pd.DataFrame], None] | None = None,
+    chapter_compat: bool = False,
 ) -> pd.DataFrame:
     """Train `policy` with DPO against the frozen `reference`; returns the history.
 
     Columns: step, epoch, tokens_seen, then loss, chosen/rejected reward and reward margin
     for the train and the validation pairs (`eval_iter` batches each, every `eval_freq`
-    steps). `options` (helpers.run.train_config.RunOptions) as for fine-tuning: with
+    steps): the rewards are beta x log-ratio, or with `chapter_compat=True` the book's
+    log-ratio (`history_columns`; use it with `make_preference_loaders(chapter_compat=True)`).
+    `options` (helpers.run.train_config.RunOptions) as for fine-tuning: with
     `checkpoint_dir` a checkpoint is written at the end, periodically and on Ctrl-C, SIGTERM
     or SIGHUP, and `resume_from` continues from one exactly; `max_steps` stops early
     (resumable). `callback(history)` runs after every evaluation (e.g. a live plot).
@@ -186,7 +234,7 @@ def train_dpo(
             device=device,
             resume_from=resume_from,
             callback=callback,
-            objective=dpo_objective(reference, config.beta),
+            objective=dpo_objective(reference, config.beta, chapter_compat=chapter_compat),
         )
     finally:
         policy.eval()

@@ -11,12 +11,16 @@ from it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
+import pickle
 import random
 import shutil
-from collections.abc import Iterable, Mapping
+import traceback
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,24 @@ _FORMAT_2 = "course-train-checkpoint/2"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written, read or resumed from; the message says why, in one line."""
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up while writing a checkpoint; the previous checkpoint file is intact.
+
+    `folder` is where it was written, `free` the bytes free there after the failed write (its
+    temp file removed) and `needed` the bytes a checkpoint write needs there.
+    """
+
+    def __init__(self, message: str, *, folder: Path, free: int, needed: int) -> None:
+        super().__init__(message)
+        self.folder, self.free, self.needed = folder, free, needed
+
+
+# errno values of a full disk (ENOSPC) and of an exceeded disk quota (EDQUOT).
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# How libraries without an errno report it: safetensors ("... (os error 28)"), the C library.
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", f"os error {errno.ENOSPC}")
 
 
 @dataclass
@@ -150,8 +172,8 @@ def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
-    """Size of the model's weights (state dict), in bytes."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Size of the model's weights (state dict), in bytes; a tied head's tensor counted once."""
+    return _storage_bytes(model.state_dict())
 
 
 def checkpoint_bytes(model: torch.nn.Module, *, early_stopping: bool = False) -> int:
@@ -159,15 +181,92 @@ def checkpoint_bytes(model: torch.nn.Module, *, early_stopping: bool = False) ->
     return weights_bytes(model) * (4 if early_stopping else 3)
 
 
-def _write_error(path: Path, exc: BaseException) -> CheckpointError:
-    # torch reports a full disk as "[enforce fail at inline_container.cc] ... file write
-    # failed"; say what it means instead, naming the file.
+def file_bytes(path: str | os.PathLike[str]) -> int:
+    """Size of the file at `path` in bytes; 0 when there is none (a checkpoint folder: its file)."""
+    path = checkpoint_path(path) if Path(path).is_dir() else Path(path)
+    return path.stat().st_size if path.is_file() else 0
+
+
+def space_needed(checkpoint: int, *, model_file: int = 0, existing: int = 0) -> int:
+    """Free bytes a run needs that writes a `checkpoint` and then a `model_file` (sizes in bytes).
+
+    An `existing` checkpoint of that size in the folder is replaced, so its space is reused
+    once the new checkpoint is complete; but the atomic write keeps the old file until the
+    new one is whole, so a whole checkpoint's worth must be free in any case.
+    """
+    return max(checkpoint, model_file + checkpoint - existing)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` reports a full disk (or an exceeded quota), e.g. OSError(ENOSPC)."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    return any(text in str(exc) for text in _DISK_FULL_TEXTS)
+
+
+def _storages(item: Any) -> Iterator[torch.UntypedStorage]:
+    # The tensors' storages in a nested payload (dicts, lists, tuples).
+    if isinstance(item, torch.Tensor):
+        yield item.untyped_storage()
+    elif isinstance(item, Mapping):
+        for value in item.values():
+            yield from _storages(value)
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            yield from _storages(value)
+
+
+def _unique_storages(payload: Any) -> dict[tuple[Any, int], int]:
+    # {(device, address): bytes} of each storage once: a tied head shares the embedding's.
+    return {(s.device, s.data_ptr()): s.nbytes() for s in _storages(payload)}
+
+
+def _storage_bytes(payload: Any) -> int:
+    """Bytes of the tensor data in `payload` (dicts, lists, tuples), each storage once."""
+    return sum(_unique_storages(payload).values())
+
+
+def _payload_bytes(payload: Any) -> int:
+    """About the bytes torch.save writes for `payload`, never fewer: each tensor storage once
+    and whole, 128 bytes of archive entry per storage, and 1 MiB for the rest (the pickled
+    history, random states, settings)."""
+    storages = _unique_storages(payload)
+    return sum(storages.values()) + 128 * len(storages) + 2**20
+
+
+def _write_error(path: Path, exc: BaseException, size: int) -> CheckpointError:
+    """The one-line error of a failed write of a `size`-byte checkpoint to `path`.
+
+    torch reports a full disk as "[enforce fail at inline_container.cc] ... unexpected pos"
+    (no errno): a failed write with less than `size` bytes free there is a full disk too.
+    """
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+    if is_disk_full(exc) or (not isinstance(exc, OSError) and free < size):
+        return DiskFullError(
+            f"disk full: cannot write checkpoint {path}: it needs about {size / 2**20:.0f} MiB "
+            f"free in {path.parent}, {free / 2**20:.0f} MiB are free",
+            folder=path.parent,
+            free=free,
+            needed=size,
+        )
     if isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror
     else:
-        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else 0.0
-        reason = f"the write failed with {free:.0f} MiB free there (disk full or not writable?)"
+        reason = (
+            f"the write failed with {free / 2**20:.0f} MiB free there (disk full or not writable?)"
+        )
     return CheckpointError(f"cannot write checkpoint {path}: {reason}")
+
+
+def _release_frames(exc: BaseException | None) -> None:
+    """Clear the local variables of the frames `exc` (and what it happened during) went through.
+
+    torch's failed writer, still referenced there, keeps the deleted temp file open and its
+    space taken: released, the free space measured next is what is really free.
+    """
+    while exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__context__
 
 
 def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> Path:
@@ -196,23 +295,43 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> Pat
     try:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-    except (OSError, RuntimeError) as exc:
-        raise _write_error(path, exc) from exc
+    except (OSError, RuntimeError) as exc:  # the temp file is gone, the old checkpoint intact
+        _release_frames(exc)
+        raise _write_error(path, exc, _payload_bytes(payload)) from exc
     return path
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why torch.load could not read `path`, in a few words (never torch's advice to set
+    weights_only=False, which would run whatever code the file holds)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+        if isinstance(exc, pickle.UnpicklingError):
+            return "a torch.save file holding objects a checkpoint never has (not loaded)"
+        return "a truncated or damaged torch.save file"
+    if head.startswith(b"\x80"):  # a bare pickle
+        return "a pickle file, not a torch.save checkpoint (not loaded)"
+    return "not a torch.save file"
 
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no training checkpoint at {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt/truncated files raise many different errors
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from exc
+        raise CheckpointError(
+            f"cannot read {path}: not a course training checkpoint ({_unreadable(path, exc)})"
+        ) from exc
     if not isinstance(raw, dict) or not str(raw.get("format", "")).startswith(
         "course-train-checkpoint/"
     ):
-        raise CheckpointError(f"{path} is not a training checkpoint ({CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{path} is not a course training checkpoint ({CHECKPOINT_FORMAT})")
     if raw["format"] == _FORMAT_2:
         raw.setdefault("objective", {"name": CHAPTER_OBJECTIVE})
     elif raw["format"] != CHECKPOINT_FORMAT:

@@ -27,10 +27,11 @@ from helpers.run.fields import (
     positive_int,
     positive_number,
     setting,
+    setting_like,
     text,
     validate,
 )
-from helpers.run.train_config import TrainConfig, preset_train_config
+from helpers.run.train_config import RunOptions, TrainConfig, preset_train_config
 from helpers.runtime import DEFAULT_MODEL, course_model, device_problem, run_dir
 
 DEFAULT_CHECKPOINT_MINUTES = 5.0  # a killed run loses at most this much work
@@ -63,7 +64,11 @@ class FinetuneSettings:
         "alpaca", "prompt style", one_of(*PROMPT_STYLES), choices=tuple(PROMPT_STYLES)
     )
     mask_prompt: bool = setting(False, "compute the loss on response tokens only", boolean)
-    batch_size: int = setting(8, "batch size", positive_int)
+    batch_size: int = setting(
+        8,
+        "batch size (under torchrun: the global batch, split between the processes)",
+        positive_int,
+    )
     max_length: int = setting(1024, "truncate examples to N tokens", positive_int)
     grouped: bool = setting(False, "length-grouped batches (less padding)", boolean)
     # Chapter-faithful mode: untied head, global-RNG shuffling, header-less test prompts.
@@ -110,6 +115,7 @@ class FinetuneSettings:
         "each evaluation in one forward pass per split (same losses; faster on a GPU, more memory)",
         boolean,
     )
+    deterministic: bool = setting_like(RunOptions, "deterministic")
 
     def __post_init__(self) -> None:
         validate(self)

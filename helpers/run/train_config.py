@@ -125,6 +125,14 @@ class RunOptions:
         "length; same losses up to float rounding, more memory)",
         boolean,
     )
+    # Runs with the same settings agree bit for bit only at the same thread count (and device);
+    # one thread and the deterministic kernels make every run of the same settings identical.
+    deterministic: bool = setting(
+        False,
+        "bit-for-bit reproducible training: one CPU thread (torch.set_num_threads(1)) and "
+        "torch.use_deterministic_algorithms(True); slower",
+        boolean,
+    )
 
     def __post_init__(self) -> None:
         validate(self)

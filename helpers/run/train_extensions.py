@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,18 @@ from helpers.batching import loader_generators
 from helpers.run.checkpoints import (
     Checkpoint,
     CheckpointError,
+    DiskFullError,
     TrainState,
     check_resumable,
     checkpoint_bytes,
     data_fingerprint,
+    file_bytes,
     load_checkpoint,
     remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
+    space_needed,
+    weights_bytes,
 )
 from helpers.run.train_config import RunOptions, TrainConfig
 from helpers.runtime import check_output_dir
@@ -61,6 +65,30 @@ def interrupted_report(exc: KeyboardInterrupt) -> tuple[str, int]:
             code,
         )
     return "Interrupted; no checkpoint was saved.", code
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """With `enabled` (RunOptions.deterministic): one thread and PyTorch's deterministic kernels.
+
+    Several threads split a sum differently with their number, so runs agree bit for bit only
+    at the same thread count; one thread (and no non-deterministic GPU kernels) makes every
+    run of the same settings, resumed or not, identical. Both settings are restored after.
+    """
+    if not enabled:
+        yield
+        return
+    threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # cuBLAS is deterministic only with a fixed workspace (CUDA >= 10.2); torch checks for it.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -256,6 +284,7 @@ class RunCheckpointer:
         self.snapshot: TrainState | None = None
         self.last_save = time.monotonic()
         self.error: str | None = None  # the last failed save, reported in the history attrs
+        self.saved_step: int | None = None  # the step of the last good checkpoint of this run
         self._fingerprint: str | None = None
         if options.checkpoint_dir is not None:
             remove_stale_temp_files(options.checkpoint_dir)
@@ -280,6 +309,7 @@ class RunCheckpointer:
         model.load_state_dict(ckpt.model)
         self.parts["optimizer"].load_state_dict(ckpt.optimizer)
         self.parts["scheduler"].load_state_dict(ckpt.scheduler)
+        self.saved_step = ckpt.state.step
         return ckpt.state
 
     def weights_changing(self) -> None:
@@ -289,6 +319,10 @@ class RunCheckpointer:
     def take(self, state: TrainState) -> None:
         """Snapshot `state` (and the random states) right after an optimizer step."""
         self.snapshot = state.snapshot(self.generators)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume compares besides the weights: objective, hyper-parameters, data."""
+        return {"objective": self.objective, "config": asdict(self.config), **self._data()}
 
     def _data(self) -> dict[str, Any]:
         if self._fingerprint is None:  # computed once: it reads every example
@@ -324,12 +358,38 @@ class RunCheckpointer:
         )
         try:
             path = save_checkpoint(self.options.checkpoint_dir, ckpt)
-        except CheckpointError as exc:  # disk full, non-finite weights: training goes on
+        except DiskFullError as exc:  # training on could not be saved: stop now
+            raise self._disk_full(exc) from exc
+        except CheckpointError as exc:  # e.g. a folder made read-only: training goes on
             self.error = str(exc)
             tqdm.write(f"warning: {exc}", file=sys.stderr)
             return None
         self.last_save = time.monotonic()
+        self.saved_step = snapshot.step
         return path
+
+    def _disk_full(self, exc: DiskFullError) -> DiskFullError:
+        """The error that stops a run whose checkpoint no longer fits: what to free, what is kept.
+
+        The space named is what a rerun needs there: a checkpoint (written beside the one it
+        replaces) and then the model file, which is what the course's command lines write.
+        """
+        model_file = weights_bytes(self.parts["model"])
+        needed = space_needed(exc.needed, model_file=model_file, existing=file_bytes(exc.folder))
+        free_more = f"free at least {max(needed - exc.free, 0) / 2**20:.0f} MiB there"
+        total = f"about {needed / 2**20:.0f} MiB in all, for the checkpoint and the model file"
+        if self.saved_step is None:
+            kept = f"training stopped before any checkpoint was saved: {free_more} ({total})"
+            advice = "and rerun"
+        else:
+            kept = (
+                f"training stopped; the last good checkpoint (step {self.saved_step}) is "
+                f"intact: {free_more} ({total})"
+            )
+            advice = "and rerun with --resume"
+        return DiskFullError(
+            f"{exc}; {kept} {advice}", folder=exc.folder, free=exc.free, needed=needed
+        )
 
     def periodic(self) -> None:
         """Save when `checkpoint_every` steps or `checkpoint_minutes` minutes call for it."""
@@ -345,4 +405,9 @@ class RunCheckpointer:
         """Save what can be saved after Ctrl-C or a signal; the exception that says so."""
         name = exc.args[0] if isinstance(exc, TrainingInterrupted) else "SIGINT"
         step = self.snapshot.step if self.snapshot is not None else state.step
-        return TrainingInterrupted(name, self.save(check=False), step)
+        try:
+            saved = self.save(check=False)
+        except DiskFullError as full:  # stopping anyway: say why nothing new was saved
+            tqdm.write(f"warning: {full}", file=sys.stderr)
+            saved = None
+        return TrainingInterrupted(name, saved, step)

@@ -306,4 +306,4 @@ def test_plot_and_loaders_from_entries() -> None:
         [{c: float(i) for c in HISTORY_COLUMNS} for i in range(3)], columns=HISTORY_COLUMNS
     )
     fig = plot_dpo_history(history, title="t")
-    assert [ax.get_ylabel() for ax in fig.axes] == ["DPO loss", "Reward margin"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["DPO loss", "Reward margin (beta x log-ratio)"]

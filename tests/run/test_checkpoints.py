@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
+import collections
+import pickle
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import helpers.run.checkpoints as checkpoints
 from helpers.config import GPTConfig
 from helpers.model import GPTModel
 from helpers.run.checkpoints import (
     Checkpoint,
     CheckpointError,
+    DiskFullError,
     TrainState,
     capture_rng_state,
     checkpoint_path,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    space_needed,
 )
 from helpers.run.train_config import TrainConfig
 
@@ -120,8 +128,89 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a course training checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def _unreadable_files(folder: Path) -> dict[str, Path]:
+    """Files torch.load(weights_only=True) refuses, each as a --resume could meet it."""
+    names = ("zip-with-objects", "pickle", "random", "empty")
+    files = {name: folder / f"{name}.pt" for name in names}
+    torch.save({"args": argparse.Namespace(lr=1)}, files["zip-with-objects"])  # not allowed
+    files["pickle"].write_bytes(pickle.dumps(collections.Counter(a=1)))
+    files["random"].write_bytes(bytes(range(256)) * 4)
+    files["empty"].write_bytes(b"")
+    torch.save({"weights": torch.zeros(1000)}, folder / "whole.pt")
+    files["truncated"] = folder / "truncated.pt"
+    files["truncated"].write_bytes((folder / "whole.pt").read_bytes()[:300])
+    return files
+
+
+def test_an_unreadable_checkpoint_is_named_and_torch_advice_never_passed_on(
+    tmp_path: Path,
+) -> None:
+    """torch's own message ends with advice to set weights_only=False (run the file's code)."""
+    reasons = {
+        "zip-with-objects": "objects a checkpoint never has",
+        "pickle": "a pickle file",
+        "random": "not a torch.save file",
+        "empty": "the file is empty",
+        "truncated": "truncated or damaged",
+    }
+    for name, path in _unreadable_files(tmp_path).items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        message = str(err.value)
+        assert message.startswith(f"cannot read {path}: not a course training checkpoint"), message
+        assert reasons[name] in message, message
+        assert "weights_only" not in message and "\n" not in message and "\x1b" not in message
+
+
+def test_a_full_disk_is_a_disk_full_error_and_keeps_the_last_checkpoint(
+    tiny_config: GPTConfig, tmp_path: Path, full_disk: Callable[..., Callable[..., None]]
+) -> None:
+    model, state = _state(tiny_config)
+    full_disk(1)
+    path = save_checkpoint(tmp_path, state)  # the first write fits
+    later = Checkpoint(**{**state.__dict__, "state": TrainState(step=9)})
+    with pytest.raises(DiskFullError) as err:
+        save_checkpoint(tmp_path, later)
+    size = path.stat().st_size  # what the write needs: at least a checkpoint, not much more
+    assert err.value.folder == tmp_path and size <= err.value.needed < size + 2**21
+    assert err.value.free == 2**20  # what the full disk left free
+    message = str(err.value)
+    assert message.startswith(f"disk full: cannot write checkpoint {path}") and "MiB" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+    assert load_checkpoint(path).state.step == 3  # the last good one, intact
+
+
+def test_torch_write_failures_are_a_full_disk_only_without_the_space(
+    tiny_config: GPTConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch reports a full disk as RuntimeError("[enforce fail ...] unexpected pos"), no errno."""
+    _, state = _state(tiny_config)
+
+    def enforce_fail(obj: object, path: Any) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(checkpoints.torch, "save", enforce_fail)
+    with pytest.raises(CheckpointError) as err:  # plenty of space: something else went wrong
+        save_checkpoint(tmp_path, state)
+    assert not isinstance(err.value, DiskFullError) and "enforce fail" not in str(err.value)
+    usage = shutil.disk_usage(tmp_path)._replace(free=4096)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(DiskFullError, match="0 MiB are free"):
+        save_checkpoint(tmp_path, state)
+
+
+def test_space_needed_reuses_an_existing_checkpoint() -> None:
+    # A new run: its checkpoint, then its model file.
+    assert space_needed(300, model_file=100) == 400
+    # Over an existing checkpoint (a resume): the replaced file's space comes back, but the
+    # atomic write needs a whole new checkpoint beside the old one first.
+    assert space_needed(300, model_file=100, existing=300) == 300
+    assert space_needed(300, model_file=100, existing=250) == 300
+    assert space_needed(300, model_file=500, existing=300) == 500
 
 
 def test_resume_into_a_differently_tied_head_is_refused(
