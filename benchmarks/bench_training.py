@@ -17,6 +17,15 @@ CPU that is the process's peak resident memory, on CUDA torch.cuda.max_memory_al
     python benchmarks/bench_training.py --device cuda --full-chapter --eval-batched
     python benchmarks/bench_training.py --quick --eval-batched   # also time one evaluation both ways
 
+`--nproc 1,2` times data-parallel training (helpers.run.distributed, as
+`torchrun -m helpers.finetune` trains): for each process count it starts `torchrun
+--nproc_per_node=N` and prints the global batch's tokens/s and the speed-up over 1 process.
+On the CPU the cores are shared out (OMP_NUM_THREADS = cores / N), so it measures how well
+N processes use the same cores; on GPUs (`--device cuda`, one GPU per process) the scaling.
+
+    python benchmarks/bench_training.py --nproc 1,2 --steps 4           # CPU, gloo
+    python benchmarks/bench_training.py --nproc 1,2,4,8 --device cuda   # one node's GPUs, nccl
+
 `--full-chapter` times the chapter's whole fine-tuning run (gpt2-medium, 2 epochs, batch 8,
 evaluation every 5 steps) with random weights, to compare with the book's 0.86 minutes on
 an A100; it prints the total time split into training and evaluation (every `eval_freq`
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -264,6 +274,74 @@ def throughput(args: argparse.Namespace, steps: int) -> None:
                       f"peak memory {bf16['peak_mib']:.0f} vs {fp32['peak_mib']:.0f} MiB")  # fmt: skip
 
 
+def ddp_worker(steps: int, device: str, preset: str) -> None:
+    """One rank of `--nproc`: time `steps` data-parallel steps of the global batch 8 (rank 0 prints)."""
+    from helpers.run.distributed import (
+        data_parallel,
+        local_device,
+        loss_scale,
+        process_group,
+        rank_rows,
+    )
+
+    with process_group(device) as ranks:
+        dev = local_device(torch.device(device))
+        batches = chapter_batches(False, steps + 1)
+        model = build("course", preset).to(dev).train()
+        trainer = data_parallel(model, dev)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=5e-5, weight_decay=0.1, fused=dev.type == "cuda"
+        )
+        times, tokens = [], []
+        for i, (x, y) in enumerate(batches):
+            _sync(dev)
+            start = time.perf_counter()
+            opt.zero_grad()
+            xs, ys = rank_rows((x, y), ranks)  # this rank's rows of the global batch
+            share = loss_scale(int((ys != -100).sum()), int((y != -100).sum()), ranks)
+            (calc_loss_batch(xs, ys, trainer, dev) * share).backward()  # DDP all-reduces
+            opt.step()
+            _sync(dev)
+            if i > 0:  # the first step warms up (and DDP builds its buckets)
+                times.append(time.perf_counter() - start)
+                tokens.append(x.numel())  # the global batch's tokens: what the run trains on
+        if ranks.main:
+            rates = [n / t for n, t in zip(tokens, times, strict=True)]
+            figures = {
+                "s_per_step": statistics.median(times),
+                "tokens_per_s": statistics.median(rates),
+            }
+            print(json.dumps({**figures, "threads": torch.get_num_threads()}))
+
+
+def nproc_scaling(args: argparse.Namespace, steps: int) -> None:
+    """Tokens/s of data-parallel training with each process count in `--nproc`."""
+    counts = [int(n) for n in args.nproc.split(",")]
+    cores = os.cpu_count() or 1
+    if args.device == "cuda":
+        where = "CUDA, one GPU per process (nccl)"
+    else:
+        where = f"CPU (gloo), {cores} cores shared out between the processes"
+    print(f"Data-parallel training: {args.model} config, batch 8, {steps} timed steps, {where}")
+    base = None
+    for n in counts:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        worker = [__file__, "--ddp-worker", "--steps", str(steps), "--model", args.model]
+        cmd = [*launch, f"--nproc_per_node={n}", *worker, "--device", args.device]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if done.returncode:
+            print(done.stderr[-2000:])
+            raise SystemExit(f"torchrun with {n} processes failed")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        base = base or r["tokens_per_s"]
+        print(
+            f"  {n} process{'es' if n > 1 else '  '} ({r['threads']} threads each): "
+            f"{r['tokens_per_s']:8.0f} tokens/s  {r['s_per_step']:6.3f} s/step  "
+            f"{r['tokens_per_s'] / base:.2f}x the first"
+        )
+
+
 def main() -> None:
     """Throughput of every configuration, or the chapter's full run, or evaluation timing."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -281,9 +359,21 @@ def main() -> None:
         "one evaluation per batch vs batched (course model)",
     )
     p.add_argument("--eval-only", action="store_true", help="only the evaluation timing")
+    p.add_argument(
+        "--nproc",
+        metavar="N[,N...]",
+        help="data-parallel tokens/s with each number of processes (torchrun), e.g. 1,2",
+    )
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=2, metavar=("KIND", "BATCHING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     steps = 2 if args.quick else args.steps
+    if args.ddp_worker:
+        ddp_worker(steps, args.device, args.model)
+        return
+    if args.nproc:
+        nproc_scaling(args, steps)
+        return
     if args.worker:
         kind, batching = args.worker
         figures = worker(kind, batching == "grouped", steps, args.device, args.model, args.bf16)

@@ -59,6 +59,7 @@ from helpers.run.distributed import (
     check_same,
     current,
     gather_parts,
+    launched,
     local_device,
     process_group,
 )
@@ -496,7 +497,9 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
 
 def _interrupted(exc: KeyboardInterrupt) -> int:
     # Say --resume only when there is something to resume from.
-    if isinstance(exc, TrainingInterrupted) and exc.checkpoint is not None:
+    if not launched().main:
+        pass  # under torchrun rank 0 says it (and it alone saves)
+    elif isinstance(exc, TrainingInterrupted) and exc.checkpoint is not None:
         print(
             f"\nInterrupted ({exc.signal_name}) at step {exc.step}: checkpoint saved in "
             f"{exc.checkpoint}; rerun with --resume to continue.",

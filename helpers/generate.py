@@ -51,7 +51,9 @@ class GenerationSettings:
     Decoding: `max_new_tokens`; greedy when `temperature` is 0, else sampled (from the
     `top_k` best tokens only, if given; the same `seed`, the same tokens); a row stops at
     `eos_id`, which is not returned (None: never early); `use_cache` keeps a KV cache (False
-    recomputes every position, the chapter's way: the same tokens, slower). Instruction
+    recomputes every position, the chapter's way: the same tokens, slower);
+    `no_repeat_ngram` n never repeats an n-token sequence within a row's new tokens
+    (`block_repeated_ngrams`; None: off, the chapter's way). Instruction
     entries (`generate_responses`): the prompt `style`, `chapter_compat` (the chapter's
     prompt and answer extraction) and `batch_size` (prompts generated together).
     """
@@ -62,12 +64,14 @@ class GenerationSettings:
     seed: int | None = None
     eos_id: int | None = EOS_ID
     use_cache: bool = True
+    no_repeat_ngram: int | None = None
     style: str = "alpaca"
     chapter_compat: bool = False
     batch_size: int = 8
 
     def __post_init__(self) -> None:
         n, t, k, eos = self.max_new_tokens, self.temperature, self.top_k, self.eos_id
+        ngram = self.no_repeat_ngram
         number = isinstance(t, (int, float)) and not isinstance(t, bool)
         checks = (
             ("max_new_tokens", _is_int(n) and n >= 0, "an integer >= 0"),
@@ -76,6 +80,7 @@ class GenerationSettings:
             ("seed", self.seed is None or _is_int(self.seed), "None or an integer"),
             ("eos_id", eos is None or (_is_int(eos) and eos >= 0), "None or a token id"),
             ("use_cache", isinstance(self.use_cache, bool), "True or False"),
+            ("no_repeat_ngram", ngram is None or (_is_int(ngram) and ngram >= 1), "None or >= 1"),
             ("chapter_compat", isinstance(self.chapter_compat, bool), "True or False"),
             ("batch_size", _is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
         )
@@ -100,6 +105,8 @@ class GenerationSettings:
             "batch_size": self.batch_size,
             "decoding": self.decoding,
             "chapter_compat": self.chapter_compat,
+            # Recorded only when on, so files made without it read as before.
+            **({"no_repeat_ngram": self.no_repeat_ngram} if self.no_repeat_ngram else {}),
         }
 
 
@@ -151,6 +158,22 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def block_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits (B, V) with -inf at each token that would repeat an `n`-token sequence in its row.
+
+    `generated` (B, T): the tokens each row generated so far (not the prompt, so copying
+    from the prompt stays possible). A row's next token is banned where its last n - 1
+    tokens occurred before, followed by that token (Hugging Face's `no_repeat_ngram_size`).
+    """
+    if generated.shape[1] < n:  # no complete n-gram yet
+        return logits
+    windows = generated.unfold(1, n, 1)  # (B, T - n + 1, n): every n-gram so far
+    prefix = generated[:, generated.shape[1] - n + 1 :]  # (B, n - 1): the last n - 1 tokens
+    seen = (windows[:, :, :-1] == prefix[:, None, :]).all(dim=-1)  # (B, T - n + 1)
+    hits = torch.zeros_like(logits).scatter_add_(1, windows[:, :, -1], seen.to(logits.dtype))
+    return logits.masked_fill(hits > 0, float("-inf"))
+
+
 def generate_steps(
     model: GPTModel,
     prompts: Sequence[Sequence[int]],
@@ -195,6 +218,7 @@ def _steps(
     # Left padding puts every row's last real token in the last column, so one step
     # appends one column for all rows; the mask hides the pads, position ids skip them.
     ids, mask = _left_pad(prompts, device)  # (B, L)
+    width = ids.shape[1]  # ids[:, width:] are the new tokens
     padded = bool((mask == 0).any())
     rows = list(range(len(prompts)))  # the prompt index of each row still going
     cache = None
@@ -209,9 +233,10 @@ def _steps(
                 kv_cache=cache,
                 last_only=True,
             )  # (B, 1, V)
-            next_ids = sample_next_token(
-                logits[:, -1].float(), settings.temperature, settings.top_k, generator
-            )  # (B,)
+            scores = logits[:, -1].float()  # (B, V)
+            if settings.no_repeat_ngram is not None:
+                scores = block_repeated_ngrams(scores, ids[:, width:], settings.no_repeat_ngram)
+            next_ids = sample_next_token(scores, settings.temperature, settings.top_k, generator)
             tokens = next_ids.tolist()
             going = [i for i, t in enumerate(tokens) if t != settings.eos_id]  # eos ends a row
             if not going:

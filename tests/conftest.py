@@ -51,6 +51,13 @@ def responses_path() -> Path:
     return _local_file("COURSE_RESPONSES", "instruction-data-with-response.json")
 
 
+@pytest.fixture(scope="session")
+def book_pairs() -> list[dict[str, str]]:
+    """The book's 1,100 preference pairs (instruction-data-with-preference.json)."""
+    path = _local_file("COURSE_PREFERENCES", "instruction-data-with-preference.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 @pytest.fixture()
 def tiny_config() -> GPTConfig:
     """A model config small enough for unit tests (GPT-2 vocabulary, short context)."""

@@ -12,6 +12,7 @@ import torch
 from helpers.generate import (
     MIN_SAMPLING_TEMPERATURE,
     GenerationSettings,
+    block_repeated_ngrams,
     generate,
     generate_batch,
     generate_responses,
@@ -294,6 +295,8 @@ def test_small_sampling_temperature_gives_finite_probabilities() -> None:
         ("seed", 1.5),
         ("eos_id", -1),
         ("use_cache", 1),
+        ("no_repeat_ngram", 0),
+        ("no_repeat_ngram", 2.0),
         ("chapter_compat", "yes"),
         ("batch_size", 0),
         ("style", "chatml"),
@@ -375,3 +378,57 @@ def test_stream_checks_its_prompt_at_once(model: GPTModel) -> None:
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_stream(model, [1, 2], GenerationSettings(max_new_tokens=128))
     assert generate_batch(model, [], GenerationSettings(max_new_tokens=3)) == []
+
+
+def _ngram_blocked_reference(logits: torch.Tensor, rows: list[list[int]], n: int) -> torch.Tensor:
+    """Brute force: ban each token that followed the row's last n - 1 tokens before."""
+    out = logits.clone()
+    for r, toks in enumerate(rows):
+        if len(toks) < n:
+            continue
+        last = toks[len(toks) - n + 1 :]
+        for i in range(len(toks) - n + 1):
+            if toks[i : i + n - 1] == last:
+                out[r, toks[i + n - 1]] = float("-inf")
+    return out
+
+
+def test_block_repeated_ngrams_equals_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # few distinct tokens, so repeats are common
+        n = int(torch.randint(1, 5, (), generator=g))
+        generated = torch.randint(
+            0, 3, (3, int(torch.randint(0, 12, (), generator=g))), generator=g
+        )
+        logits = torch.randn(3, 6, generator=g)
+        expected = _ngram_blocked_reference(logits, generated.tolist(), n)
+        assert torch.equal(block_repeated_ngrams(logits, generated, n), expected)
+    # "a b c a b" -> "c" would repeat "a b c"; with n=2 "b" -> "c" was seen: c is banned too.
+    row = torch.tensor([[0, 1, 2, 0, 1]])
+    assert block_repeated_ngrams(torch.zeros(1, 4), row, 3).isinf().tolist() == [
+        [False, False, True, False]
+    ]
+
+
+def test_no_repeat_ngram_decoding(
+    model: GPTModel, prompts: list[list[int]], tmp_path: Path
+) -> None:
+    greedy = GenerationSettings(max_new_tokens=40, eos_id=None)
+    blocked = dataclasses.replace(greedy, no_repeat_ngram=2)
+
+    def repeats(tokens: list[int]) -> bool:
+        pairs = list(zip(tokens[:-1], tokens[1:], strict=True))
+        return len(pairs) != len(set(pairs))
+
+    plain = generate_batch(model, prompts, greedy)
+    assert any(repeats(t) for t in plain)  # greedy decoding of a random model loops...
+    new = generate_batch(model, prompts, blocked)
+    assert not any(repeats(t) for t in new)  # ...and never repeats a pair with the block
+    assert all(len(t) == 40 for t in new)
+    # Cached and uncached, batched and one by one: the same tokens.
+    assert generate_batch(model, prompts, dataclasses.replace(blocked, use_cache=False)) == new
+    assert [generate_batch(model, [p], blocked)[0] for p in prompts] == new
+    entries = [{"instruction": "Name a color.", "input": "", "output": "Red."}]
+    generate_test_responses(model, entries, tmp_path / "r.json", blocked, model_name="x")
+    assert load_responses(tmp_path / "r.json").metadata["generation"]["no_repeat_ngram"] == 2
+    assert "no_repeat_ngram" not in greedy.metadata()  # off: recorded as before

@@ -274,37 +274,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return _train_and_write(args)
 
 
+def _resolve_defaults(args: argparse.Namespace, name: str) -> None:
+    """Options left out take the model's run defaults; chapter-faithful mode, the flag or
+    $COURSE_CHAPTER_COMPAT (as helpers.finetune reads it)."""
+    for key, value in asdict(dpo_run_defaults(name)).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.chapter_compat is None:
+        args.chapter_compat = chapter_compat_from_env()
+
+
+def _space_needed(out: Path, policy: GPTModel) -> int:
+    """Free bytes a run needs in `out`: a checkpoint (an existing one's space is reused), then
+    the model file."""
+    from helpers.run.checkpoints import checkpoint_bytes, file_bytes, space_needed, weights_bytes
+
+    return space_needed(
+        checkpoint_bytes(policy),
+        model_file=weights_bytes(policy),
+        existing=file_bytes(out / "checkpoints"),
+    )
+
+
+def _ranks_agree(args: argparse.Namespace) -> bool:
+    """Under torchrun: the batch splits between the processes, whose flags agree; rank 0?"""
+    from helpers.run.distributed import check_batch_size, check_same, current
+
+    check_batch_size(args.batch_size)  # the global batch, split by rows
+    check_same("flags", {k: v for k, v in vars(args).items() if k not in _LOCAL_FLAGS})
+    return current().main
+
+
 def _train_and_write(args: argparse.Namespace) -> dict[str, Any]:
     """`run`'s work on one rank: the model, the pairs, DPO training; rank 0 writes."""
     from helpers.dpo.loss import freeze_reference
     from helpers.dpo.outputs import final_metrics, write_history, write_summary
     from helpers.dpo.train import train_dpo  # looked up now: tests replace it
-    from helpers.run.checkpoints import (
-        checkpoint_bytes,
-        checkpoint_path,
-        file_bytes,
-        space_needed,
-        weights_bytes,
-    )
-    from helpers.run.distributed import (
-        check_batch_size,
-        check_same,
-        current,
-        local_device,
-    )
+    from helpers.run.checkpoints import checkpoint_path
+    from helpers.run.distributed import local_device
     from helpers.runtime import check_output_dir
     from helpers.weights import load_model
 
     start = time.perf_counter()
     name, sft = resolve_model(args)
-    for key, value in asdict(dpo_run_defaults(name)).items():
-        if getattr(args, key) is None:  # options left out take the model's run defaults
-            setattr(args, key, value)
-    if args.chapter_compat is None:  # the course-wide switch, as helpers.finetune reads it
-        args.chapter_compat = chapter_compat_from_env()
-    check_batch_size(args.batch_size)  # under torchrun: the global batch, split by rows
-    check_same("flags", {k: v for k, v in vars(args).items() if k not in _LOCAL_FLAGS})
-    main = current().main  # only rank 0 of a distributed run writes
+    _resolve_defaults(args, name)
+    main = _ranks_agree(args)  # only rank 0 of a distributed run writes
     out = Path(args.output_dir) if args.output_dir else dpo_run_dir(name)
     if args.resume and not checkpoint_path(out / "checkpoints").is_file():
         raise UsageError(f"--resume: no DPO checkpoint in {out / 'checkpoints'}")
@@ -314,15 +328,8 @@ def _train_and_write(args: argparse.Namespace) -> dict[str, Any]:
     device = local_device(get_device(args.device))  # under torchrun: GPU LOCAL_RANK
     policy = load_model(sft, device=device)
     reference = freeze_reference(policy)
-    # Fail now, not after training: the folder must take the model and a checkpoint (an
-    # existing checkpoint's space is reused).
-    needed = space_needed(
-        checkpoint_bytes(policy),
-        model_file=weights_bytes(policy),
-        existing=file_bytes(out / "checkpoints"),
-    )
-    if main:
-        check_output_dir(out, needed)  # OutputDirError
+    if main:  # fail now, not after training: OutputDirError
+        check_output_dir(out, _space_needed(out, policy))
     label = describe_model(name, f"instruction-tuned {sft.name}, then DPO")
     print(f"Model: {label} on {device}")
     print(f"Pairs: {len(splits.train)} train, {len(splits.validation)} validation")
@@ -365,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     signal's number after Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
     from helpers.data import DatasetError, DownloadError
     from helpers.run.checkpoints import CheckpointError
-    from helpers.run.distributed import DistributedError
+    from helpers.run.distributed import DistributedError, launched
     from helpers.run.train_extensions import interrupted_report
     from helpers.runtime import OutputDirError
     from helpers.weights import CheckpointMismatchError
@@ -395,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: saved, if there was a step
         message, code = interrupted_report(exc)
-        print(f"\n{message}", file=sys.stderr)
+        if launched().main:  # under torchrun rank 0 says it (and it alone saves)
+            print(f"\n{message}", file=sys.stderr)
         return code
     return 0

@@ -5,7 +5,9 @@ exact and refuses a different run; loaders from entries and the plot."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from helpers.config import GPTConfig
+from helpers.data import split_data
 from helpers.dpo.loss import (
     PairExample,
     collate_pairs,
@@ -25,7 +28,13 @@ from helpers.dpo.loss import (
     make_preference_loaders,
 )
 from helpers.dpo.outputs import plot_dpo_history
-from helpers.dpo.train import HISTORY_COLUMNS, DPOConfig, state_fingerprint, train_dpo
+from helpers.dpo.train import (
+    BOOK_HISTORY_COLUMNS,
+    HISTORY_COLUMNS,
+    DPOConfig,
+    state_fingerprint,
+    train_dpo,
+)
 from helpers.model import GPTModel
 from helpers.run.checkpoints import CheckpointError, load_checkpoint
 from helpers.run.train_config import RunOptions, TrainConfig
@@ -79,7 +88,7 @@ def _options(**kw: Any) -> RunOptions:
 
 @pytest.fixture()
 def one_thread() -> Iterator[None]:
-    """Bit-for-bit equal runs need one thread (2 threads differ by ~1e-4 between runs)."""
+    """Bit for bit is promised single-threaded only (RunOptions.deterministic does this too)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -275,6 +284,91 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "bad.pt")
 
 
+def test_deterministic_dpo_runs_are_identical() -> None:
+    first, second = _run(deterministic=True), _run(deterministic=True)
+    _assert_same_run(*first, *second)
+
+
+def _chapter_loader() -> DataLoader[Any]:
+    # The book's: no generator (global random state), its collate; train() seeds it once.
+    loader: DataLoader[Any] = DataLoader(
+        _pairs(24),  # type: ignore[arg-type]  # a list is a map-style dataset
+        batch_size=4,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=functools.partial(collate_pairs, pad_token_id=PAD, chapter_compat=True),
+    )
+    loader.chapter_order = True  # helpers.train: seed the global RNG once, as the book does
+    return loader
+
+
+def test_chapter_compat_resumes_exactly_within_the_books_epoch(
+    tmp_path: Path, one_thread: None
+) -> None:
+    def run(**options: Any) -> tuple[pd.DataFrame, GPTModel]:
+        policy, reference = _models()
+        resume = options.pop("resume", None)
+        history = train_dpo(
+            policy,
+            reference,
+            _chapter_loader(),
+            _loaders()[1],
+            config=_config(),
+            options=_options(checkpoint_dir=str(tmp_path), **options),
+            resume_from=resume,
+            chapter_compat=True,
+        )
+        return history, policy
+
+    full, full_policy = run()
+    assert list(full.columns) == BOOK_HISTORY_COLUMNS
+    run(max_steps=3)
+    torch.manual_seed(7)  # whatever the random state now: the book's order is restored
+    _assert_same_run(*run(resume=tmp_path), full, full_policy)
+
+
+def test_chapter_compat_dpo_takes_the_books_batches_rewards_and_line(
+    book_pairs: list[dict[str, str]],
+    tiny_config: GPTConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The book's loader order (its printed widths 77, 81, 94, ...), its tokens_seen (chosen
+    rows only), its log-ratio rewards (1/beta times the course's) and its log line."""
+    loaders = make_preference_loaders(
+        split_data(book_pairs), batch_size=8, allowed_max_length=128, chapter_compat=True
+    )
+    torch.manual_seed(0)
+    policy = GPTModel(tiny_config)
+    reference = freeze_reference(policy)
+    history = train_dpo(
+        policy,
+        reference,
+        loaders.train,
+        loaders.validation,
+        config=DPOConfig(lr=1e-3, eval_freq=100, eval_iter=1),
+        options=RunOptions(progress=False, max_steps=3),
+        chapter_compat=True,
+    )
+    assert list(history.columns) == BOOK_HISTORY_COLUMNS
+    assert history["tokens_seen"].tolist() == [8 * 77]  # the evaluation after step 0
+    assert history.attrs["tokens_seen"] == 8 * (77 + 81 + 94)
+    row = history.iloc[0]
+    assert row["train_logratio_margin"] == pytest.approx(
+        row["train_chosen_logratio"] - row["train_rejected_logratio"]
+    )
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    number = r"-?\d+\.\d{3}"
+    assert re.fullmatch(
+        rf"Ep 1 \(Step 000000\): Train loss {number}, Val loss {number}, "
+        rf"Train reward margins {number}, Val reward margins {number}",
+        line,
+    ), line
+    batch = next(iter(loaders.validation))
+    book = dpo_loss_batch(batch, policy, reference, beta=0.1, chapter_compat=True)
+    course = dpo_loss_batch(batch, policy, reference, beta=0.1)
+    torch.testing.assert_close(course, (book[0], 0.1 * book[1], 0.1 * book[2]))
+
+
 def test_dpo_config_is_a_validated_train_config() -> None:
     config = DPOConfig()
     assert (config.num_epochs, config.lr, config.weight_decay, config.beta) == (1, 5e-6, 0.01, 0.1)
@@ -307,3 +401,9 @@ def test_plot_and_loaders_from_entries() -> None:
     )
     fig = plot_dpo_history(history, title="t")
     assert [ax.get_ylabel() for ax in fig.axes] == ["DPO loss", "Reward margin (beta x log-ratio)"]
+    book = pd.DataFrame(
+        [{c: float(i) for c in BOOK_HISTORY_COLUMNS} for i in range(3)],
+        columns=BOOK_HISTORY_COLUMNS,
+    )
+    fig = plot_dpo_history(book, title="t")
+    assert fig.axes[1].get_ylabel() == "Log-ratio reward margin (the book's)"

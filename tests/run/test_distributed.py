@@ -7,6 +7,7 @@ set of files, a rank killed with SIGKILL and the run resumed with 2 processes an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -20,8 +21,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
-from helpers.batching import loader_generators, make_loaders
+from helpers.batching import IGNORE_INDEX, loader_generators, make_loaders
 from helpers.data import split_data
 from helpers.run.checkpoints import load_checkpoint
 from helpers.run.distributed import (
@@ -72,21 +74,29 @@ def test_take_rows_splits_tensors_tuples_dicts_and_lists() -> None:
         rank_rows(pairs, Ranks(0, 5))
 
 
-def test_weighted_rank_losses_average_to_the_batch_mean() -> None:
-    # The chapter's loss: a mean over the batch's targets. Each rank's mean times loss_scale,
-    # averaged as DDP averages gradients, is the mean of the whole batch, also when the
-    # ranks have different numbers of targets (and one has none).
-    losses = torch.rand(7, dtype=torch.float64)
-    shares = [losses[:1], losses[1:1], losses[1:]]  # 1, 0 and 6 targets
-    ranks = [Ranks(r, 3) for r in range(3)]
-    averaged = (
-        sum(
-            (s.mean() if len(s) else torch.tensor(0.0)) * loss_scale(len(s), 7, r)
-            for s, r in zip(shares, ranks, strict=True)
+def test_weighted_rank_gradients_average_to_the_batch_gradient() -> None:
+    """The chapter's loss is a mean over the batch's targets: each rank's mean times
+    loss_scale, with gradients averaged as DDP does, gives the whole batch's gradient, also
+    when the ranks have different numbers of targets, and one has none (a NaN mean)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)  # (B, T, V)
+    targets = torch.randint(0, 10, (3, 4))
+    targets[0, 1:] = IGNORE_INDEX  # row 0: 1 target, row 1: none, row 2: 4
+    targets[1] = IGNORE_INDEX
+
+    def loss(rows: slice) -> torch.Tensor:
+        return F.cross_entropy(
+            logits[rows].flatten(0, 1), targets[rows].flatten(), ignore_index=IGNORE_INDEX
         )
-        / 3
-    )
-    assert torch.allclose(averaged, losses.mean())
+
+    (whole,) = torch.autograd.grad(loss(slice(None)), logits)
+    total = int((targets != IGNORE_INDEX).sum())
+    averaged = torch.zeros_like(logits)
+    for rank in (Ranks(r, 3) for r in range(3)):
+        mine = int((targets[rank.rows(3)] != IGNORE_INDEX).sum())
+        (grad,) = torch.autograd.grad(loss(rank.rows(3)) * loss_scale(mine, total, rank), logits)
+        averaged += grad / 3  # DDP: the mean of the ranks' gradients
+    assert torch.allclose(averaged, whole)
     assert loss_scale(3, 6, Ranks(0, 2)) == 1.0
 
 
@@ -106,7 +116,8 @@ def test_evaluation_shares_see_one_process_batches_and_draws(
 
     one, state = evaluated(lambda: _first_batches(train, min(eval_iter, len(train))))
     for rank in range(2):
-        mine, rank_state = evaluated(lambda r=rank: _share(train, eval_iter, Ranks(r, 2)))
+        share = functools.partial(_share, train, eval_iter, Ranks(rank, 2))
+        mine, rank_state = evaluated(share)
         assert mine == one[rank::2] and rank_state == state
 
 
