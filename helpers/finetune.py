@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,7 +64,7 @@ from helpers.run.distributed import (
 )
 from helpers.run.epoch_sample import sample_printer
 from helpers.run.train_config import RunOptions
-from helpers.run.train_extensions import TrainingInterrupted
+from helpers.run.train_extensions import interrupted_report
 from helpers.runtime import (
     OutputDirError,
     check_output_dir,
@@ -496,19 +495,10 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:
-    # Say --resume only when there is something to resume from.
-    if not launched().main:
-        pass  # under torchrun rank 0 says it (and it alone saves)
-    elif isinstance(exc, TrainingInterrupted) and exc.checkpoint is not None:
-        print(
-            f"\nInterrupted ({exc.signal_name}) at step {exc.step}: checkpoint saved in "
-            f"{exc.checkpoint}; rerun with --resume to continue.",
-            file=sys.stderr,
-        )
-    else:
-        print("\nInterrupted; no checkpoint was saved.", file=sys.stderr)
-    name = exc.signal_name if isinstance(exc, TrainingInterrupted) else "SIGINT"
-    return 128 + int(getattr(signal, name, signal.SIGINT))
+    message, code = interrupted_report(exc)
+    if launched().main:  # under torchrun rank 0 says it (and it alone saves)
+        print(f"\n{message}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

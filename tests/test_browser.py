@@ -173,6 +173,25 @@ def _click_menu(driver: Any, menu: str, entry: str) -> None:
     wait_for(f"the menu entry {menu} > {entry}", enabled_entry, 20).click()
 
 
+def _run_all_cells(driver: Any, n_code: int, timeout: float) -> None:
+    """Run > Run All Cells, wait until every code cell ran and the kernel is idle, no errors."""
+    from selenium.webdriver.common.by import By
+
+    _click_menu(driver, "Run", "Run All Cells")
+
+    def all_ran() -> bool:
+        prompts = _code_prompts(driver)
+        done = len(prompts) == n_code and all(p.strip("[]:").isdigit() for p in prompts)
+        return done and _kernel_idle(driver)
+
+    wait_for("Run All Cells to finish", all_ran, timeout, interval=1)
+    errors = driver.find_elements(
+        By.CSS_SELECTOR,
+        ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']",
+    )
+    assert not errors, f"a cell raised: {errors[0].text[:2000]}"
+
+
 def _with_slider(output: Any) -> Any:
     """`output` if it holds the rendered inspector (its slider labelled "example")."""
     from selenium.webdriver.common.by import By
@@ -262,19 +281,7 @@ def test_inspector_follows_its_slider_in_jupyterlab(
                 lambda: not any(p.strip("[]: ") for p in _code_prompts(driver)),
                 20,
             )
-            _click_menu(driver, "Run", "Run All Cells")
-
-            def all_ran() -> bool:
-                prompts = _code_prompts(driver)
-                done = len(prompts) == n_code and all(p.strip("[]:").isdigit() for p in prompts)
-                return done and _kernel_idle(driver)
-
-            wait_for("Run All Cells to finish", all_ran, 150, interval=1)
-            errors = driver.find_elements(
-                By.CSS_SELECTOR,
-                ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']",
-            )
-            assert not errors, f"a cell raised: {errors[0].text[:2000]}"
+            _run_all_cells(driver, n_code, timeout=150)
 
             inspector = wait_for(
                 "the inspector widget with its 'example' slider",
@@ -404,19 +411,7 @@ def test_inspector_and_review_tool_fit_at_1280px(
             n_code = len(WIDGETS_NOTEBOOK_CELLS)
             wait_for("the notebook's code cells", lambda: len(_code_prompts(driver)) == n_code, 60)
             wait_for("the Python 3 kernel to be idle", lambda: _kernel_idle(driver), 60)
-            _click_menu(driver, "Run", "Run All Cells")
-
-            def all_ran() -> bool:
-                prompts = _code_prompts(driver)
-                done = len(prompts) == n_code and all(p.strip("[]:").isdigit() for p in prompts)
-                return done and _kernel_idle(driver)
-
-            wait_for("Run All Cells to finish", all_ran, 120, interval=1)
-            errors = driver.find_elements(
-                By.CSS_SELECTOR,
-                ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']",
-            )
-            assert not errors, f"a cell raised: {errors[0].text[:2000]}"
+            _run_all_cells(driver, n_code, timeout=120)
 
             inspector = wait_for(
                 "the inspector widget with its 'example' slider",

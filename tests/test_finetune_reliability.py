@@ -27,6 +27,7 @@ from helpers.run.checkpoints import load_checkpoint
 from helpers.run.cli import DEFAULT_CHECKPOINT_MINUTES, build_parser, settings_from_args
 from helpers.run.train_config import RunOptions, TrainConfig
 from helpers.run.train_extensions import TrainingInterrupted
+from tests.process_support import wait_for_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -301,23 +302,13 @@ def _start(data_path: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            out, err = proc.communicate(timeout=30)
-            pytest.fail(f"no checkpoint appeared (rc {proc.returncode}): {err[-2000:]}")
-        time.sleep(0.2)
-
-
 def test_sigterm_saves_a_checkpoint(chapter_data_path: Path, tmp_path: Path) -> None:
     # SIGHUP takes the same path (tests/test_train_reliability.py sends both in-process).
     signame = "SIGTERM"
     out = tmp_path / "run"
     proc = _start(chapter_data_path, out, "--checkpoint-every", "3")
     try:
-        _wait_for(out / "checkpoints" / "checkpoint.pt", proc)
+        wait_for_file(out / "checkpoints" / "checkpoint.pt", proc)
         proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=120)
     finally:
@@ -334,7 +325,7 @@ def test_a_killed_run_leaves_a_usable_periodic_checkpoint(
     out = tmp_path / "run"
     proc = _start(chapter_data_path, out, "--checkpoint-minutes", "0.002")  # by the clock
     try:
-        _wait_for(out / "checkpoints" / "checkpoint.pt", proc)
+        wait_for_file(out / "checkpoints" / "checkpoint.pt", proc)
         time.sleep(1.0)  # let it write a few more, possibly mid-write when killed
         proc.kill()  # SIGKILL: nothing runs on the way out
         proc.communicate(timeout=60)

@@ -21,6 +21,7 @@ from helpers.config import GPTConfig
 from helpers.dpo.train import DPOConfig
 from helpers.model import GPTModel
 from helpers.run.checkpoints import load_checkpoint
+from tests.process_support import wait_for_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -182,16 +183,6 @@ def _start(sft: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen[st
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            _, err = proc.communicate(timeout=30)
-            pytest.fail(f"no checkpoint appeared (rc {proc.returncode}): {err[-2000:]}")
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_signals_save_a_checkpoint_that_resumes(
     tiny_sft: Path, small_prefs: Path, tmp_path: Path, signame: str
@@ -201,7 +192,7 @@ def test_signals_save_a_checkpoint_that_resumes(
     out = tmp_path / "dpo"
     proc = _start(tiny_sft, small_prefs, out, "--checkpoint-every", "2")
     try:
-        _wait_for(out / "checkpoints" / "checkpoint.pt", proc)
+        wait_for_file(out / "checkpoints" / "checkpoint.pt", proc)
         proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=120)
     finally:
@@ -224,7 +215,7 @@ def test_kill_9_leaves_a_usable_checkpoint_and_no_temp_files(
     out = tmp_path / "dpo"
     proc = _start(tiny_sft, small_prefs, out, "--checkpoint-every", "1")  # writing all the time
     try:
-        _wait_for(out / "checkpoints" / "checkpoint.pt", proc)
+        wait_for_file(out / "checkpoints" / "checkpoint.pt", proc)
         time.sleep(1.0)  # a few more checkpoints, possibly one mid-write when killed
         proc.kill()  # SIGKILL: nothing runs on the way out
         proc.communicate(timeout=60)

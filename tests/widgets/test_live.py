@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from helpers.widgets.live import WIDGET_VIEW, PlainView, note_output, show, widget_output
 from tests.widgets.fakes import Shown
+from tests.widgets.kernel import execute_cells
 
 
 def test_note_is_one_escaped_line() -> None:
@@ -49,28 +47,6 @@ def test_plain_view_is_shown_once_then_updated_in_place(published: list[Shown]) 
     assert other.display_id != view.display_id
 
 
-def _execute(cells: list[str], folder: Path) -> Any:
-    """Run `cells` in a fresh python3 kernel, saving widget state as `make notebooks` does."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
-    client = nbclient.NotebookClient(
-        nb,
-        timeout=180,
-        kernel_name="python3",
-        store_widget_state=True,
-        resources={"metadata": {"path": str(folder)}},
-    )
-    try:
-        client.execute()
-    except Exception as exc:  # no kernel where the environment lacks one
-        if "No such kernel" in str(exc):
-            pytest.skip(f"no python3 Jupyter kernel: {exc}")
-        raise
-    return nb
-
-
 def test_executed_notebook_passes_the_committed_notebook_checks(
     tmp_path: Path, chapter_data_path: Path, responses_path: Path
 ) -> None:
@@ -79,7 +55,7 @@ def test_executed_notebook_passes_the_committed_notebook_checks(
 
     reviews = tmp_path / "reviews"  # relative in the notebook: no machine path in the outputs
     reviews.mkdir()
-    nb = _execute(
+    nb = execute_cells(
         [
             "import json\n"
             "from helpers.data import load_instruction_data, split_data\n"

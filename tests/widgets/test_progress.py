@@ -15,6 +15,7 @@ from tqdm.std import tqdm as std_tqdm
 from helpers.widgets import progress
 from helpers.widgets.live import WIDGET_VIEW
 from helpers.widgets.progress import BAR_COLOURS, NotebookTqdm, in_jupyter_kernel
+from tests.widgets.kernel import execute_cells
 
 
 class FakeHandle:
@@ -130,31 +131,16 @@ def test_disabled_and_delayed_bars(displays: list[FakeHandle]) -> None:
 
 
 def _run_notebook(path: Path) -> Any:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell(
-            "from helpers.widgets.progress import NotebookTqdm, tqdm\nassert tqdm is NotebookTqdm"
-        ),
-        nbformat.v4.new_code_cell("for _ in tqdm(range(24), desc='fine-tuning'):\n    pass"),
-        nbformat.v4.new_code_cell("bar = tqdm(total=3, desc='manual')"),
-        nbformat.v4.new_code_cell("bar.update(3)\nbar.close()"),
-    ]
-    client = nbclient.NotebookClient(
-        nb,
+    return execute_cells(
+        [
+            "from helpers.widgets.progress import NotebookTqdm, tqdm\nassert tqdm is NotebookTqdm",
+            "for _ in tqdm(range(24), desc='fine-tuning'):\n    pass",
+            "bar = tqdm(total=3, desc='manual')",
+            "bar.update(3)\nbar.close()",
+        ],
+        path,
         timeout=120,
-        kernel_name="python3",
-        store_widget_state=True,
-        resources={"metadata": {"path": str(path)}},
     )
-    try:
-        client.execute()
-    except Exception as exc:  # no kernel where the environment lacks one
-        if "No such kernel" in str(exc):
-            pytest.skip(f"no python3 Jupyter kernel: {exc}")
-        raise
-    return nb
 
 
 def test_executed_notebook_keeps_each_bars_final_state_without_widgets(tmp_path: Path) -> None:
