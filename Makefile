@@ -110,7 +110,7 @@ benchmarks: setup
 # (Agg in CI shells) replaces the inline backend and every figure would be missing. Then the
 # checks that the committed outputs render everywhere (tests/test_notebooks.py).
 notebooks: setup  ## re-run every notebook in place (outputs committed for the web), then check them
-	for nb in notebooks/0*.ipynb; do env -u MPLBACKEND $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=True "$$nb" || exit 1; done
+	for nb in notebooks/0*.ipynb; do start=$$(date +%s); env -u MPLBACKEND $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=True "$$nb" || exit 1; echo "$$nb: $$(( $$(date +%s) - start )) s wall (the notebooks' time tables quote these)"; done
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_notebooks.py
 
 # The classroom editions, both by nbgrader (notebooks/INSTRUCTORS.md): the committed notebooks

@@ -248,6 +248,7 @@ def generation_settings(settings: FinetuneSettings, max_new_tokens: int) -> Gene
     """How the run generates answers: `max_new_tokens` each, in its prompt style and mode."""
     return GenerationSettings(
         max_new_tokens=max_new_tokens,
+        no_repeat_ngram=settings.no_repeat_ngram or None,
         style=settings.style,
         chapter_compat=settings.chapter_compat,
         batch_size=settings.batch_size,
@@ -443,17 +444,18 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"(total {summary['total_minutes']:.2f} min)"
     )
     if summary.get("answers"):
-        _print_answers(summary["answers"])
+        _print_answers(summary["answers"], summary["settings"].get("no_repeat_ngram", 0))
     print(f"Output folder:  {out}")
     for name in summary["files"]:
         print(f"  - {name}")
 
 
-def _print_answers(report: dict[str, Any]) -> None:
+def _print_answers(report: dict[str, Any], no_repeat_ngram: int) -> None:
     """The test answers' ROUGE-L and repetition share next to the baselines and the book's."""
     base, book = report["baselines_rougeL"], report["book_gpt2_medium"]
+    decoding = f"greedy, no repeated {no_repeat_ngram}-token sequence" if no_repeat_ngram else "greedy"
     print(
-        f"Test answers:   {report['n']}: ROUGE-L {report['rougeL']:.3f}, "
+        f"Test answers:   {report['n']} ({decoding}): ROUGE-L {report['rougeL']:.3f}, "
         f"{report['repetition']:.0%} repeat a 3-word sequence, {report['empty']} empty"
     )
     print(

@@ -240,9 +240,13 @@ def save_model(
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata stored in a safetensors file (config JSON included)."""
+    """The string metadata stored in a safetensors file (config JSON included), keys sorted.
+
+    The file keeps no key order (safetensors reads it back in hash order), so the keys are
+    sorted: printed metadata reads the same on every run.
+    """
     with _reading(Path(path)), safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+        return dict(sorted((f.metadata() or {}).items()))
 
 
 def read_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:

@@ -51,6 +51,8 @@ def test_tiny_run_writes_every_artifact_and_resumes(
     meta = responses.metadata
     assert meta["model"] == "tiny" and meta["prompt_style"] == "alpaca" and meta["mask_prompt"]
     assert meta["generation"]["max_new_tokens"] == 8 and meta["generation"]["decoding"] == "greedy"
+    # tiny's stated decoding default: no repeated n-token sequence within an answer
+    assert meta["generation"]["no_repeat_ngram"] == TINY_RUN_DEFAULTS.no_repeat_ngram > 0
     assert meta["checkpoint"] == "tiny-sft.safetensors"
     assert load_model(out / "tiny-sft.safetensors").cfg == get_config("tiny")
 
@@ -61,7 +63,9 @@ def test_tiny_run_writes_every_artifact_and_resumes(
     assert summary["answers"] == answer_report(responses.entries)
     answers = summary["answers"]
     assert answers["n"] == 4 and "copy the input" in answers["baselines_rougeL"]
-    assert "Test answers:   4: ROUGE-L" in printed and "copying the input" in printed
+    ngram = TINY_RUN_DEFAULTS.no_repeat_ngram
+    assert f"Test answers:   4 (greedy, no repeated {ngram}-token sequence): ROUGE-L" in printed
+    assert "copying the input" in printed
 
     # A second epoch from the checkpoint continues the same history.
     assert main(_args(chapter_data_path, out, "--mask-prompt", "--epochs", "2", "--resume")) == 0

@@ -73,6 +73,12 @@ def test_settings_come_from_one_table_and_leave_args_alone(
     assert settings.checkpoint_minutes == DEFAULT_CHECKPOINT_MINUTES  # periodic by default
     medium = settings_from_args(build_parser().parse_args(["--model", "gpt2-medium"]))
     assert (medium.train.lr, medium.limit, medium.max_new_tokens) == (5e-5, None, 256)
+    # Decoding: tiny blocks repeated n-grams by default, GPT-2 decodes as the chapter does,
+    # and --no-repeat-ngram 0 gives tiny the chapter's plain greedy decoding.
+    assert settings.no_repeat_ngram == TINY_RUN_DEFAULTS.no_repeat_ngram > 0
+    assert medium.no_repeat_ngram == 0
+    plain = build_parser().parse_args(_args(chapter_data_path, tmp_path, "--no-repeat-ngram", "0"))
+    assert settings_from_args(plain).no_repeat_ngram == 0
 
 
 def test_seed_seeds_the_random_init(chapter_data_path: Path, tmp_path: Path) -> None:

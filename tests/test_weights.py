@@ -162,6 +162,15 @@ def test_save_load_roundtrip(tiny_config: GPTConfig, tmp_path: Path) -> None:
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
 
+def test_read_metadata_keys_come_sorted(tiny_config: GPTConfig, tmp_path: Path) -> None:
+    # safetensors hands metadata back in hash order; printed metadata must read the same
+    # on every run (notebook 04 prints it).
+    meta = {"zeta": "1", "prompt_style": "alpaca", "alpha": "2", "mask_prompt": "false"}
+    path = save_model(GPTModel(tiny_config), tmp_path / "m.safetensors", metadata=meta)
+    keys = list(read_metadata(path))
+    assert keys == sorted(keys) and {"zeta", "alpha", "config"} <= set(keys)
+
+
 def test_mismatch_errors_name_key_and_shapes(tiny_config: GPTConfig) -> None:
     model = GPTModel(tiny_config)
     state = dict(model.state_dict())

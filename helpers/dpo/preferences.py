@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,25 @@ def save_preferences(entries: Sequence[Mapping[str, Any]], path: str | os.PathLi
     """Write preference entries as an indented JSON list, atomically."""
     validate_preferences(list(entries), str(path))
     return atomic_write_text(path, json.dumps(list(entries), indent=4, ensure_ascii=False) + "\n")
+
+
+# --- the book's pairs teach tone: words that mark it, to measure it in a model's answers ---
+
+# Among the book's 1,100 pairs, the frequent words that occur only in the chosen (polite)
+# answer or only in the rejected (impolite) one. The dataset's own outputs, which
+# fine-tuning imitates, contain almost none (under 1%); 18% of the chosen answers have a polite
+# word, 30% of the rejected ones an impolite word (tests/dpo/test_preferences.py).
+POLITE_WORDS = ("indeed", "happy", "i'd", "kindly", "glad", "please", "certainly", "thank")
+IMPOLITE_WORDS = ("obviously", "duh", "freaking", "anyway", "seriously", "yourself", "look")
+_STYLE_WORD = re.compile(r"[a-z']+")
+
+
+def style_shares(answers: Sequence[str]) -> dict[str, float]:
+    """Share of `answers` with a POLITE_WORDS word ("polite") and with an IMPOLITE_WORDS one."""
+    if not answers:
+        raise ValueError("style_shares: no answers")
+    said = [set(_STYLE_WORD.findall(a.lower())) for a in answers]
+    return {
+        "polite": sum(bool(s.intersection(POLITE_WORDS)) for s in said) / len(said),
+        "impolite": sum(bool(s.intersection(IMPOLITE_WORDS)) for s in said) / len(said),
+    }

@@ -22,6 +22,7 @@ from helpers.run.fields import (
     add_dataclass_flags,
     boolean,
     flag_values,
+    int_at_least_zero,
     one_of,
     optional,
     positive_int,
@@ -102,6 +103,12 @@ class FinetuneSettings:
     output_dir: Path = setting(help="default: runs/<model>-sft in the repository")
     max_new_tokens: int = setting(256, "test-split response length", positive_int)
     sample_max_new_tokens: int = setting(35, check=positive_int, cli=False)  # per-epoch sample
+    no_repeat_ngram: int = setting(
+        0,
+        "answers never repeat an N-token sequence (0: off, the chapter's greedy decoding)",
+        int_at_least_zero,
+        metavar="N",
+    )
     test_limit: int | None = setting(
         None, "answer only the first N test entries", optional(positive_int)
     )
@@ -183,6 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
             "limit": preset.limit,
             "max_new_tokens": preset.max_new_tokens,
             "sample_max_new_tokens": preset.sample_max_new_tokens,
+            "no_repeat_ngram": preset.no_repeat_ngram,
             **given,
             "model": name,
             "output_dir": Path(args.output_dir) if args.output_dir else run_dir(name),

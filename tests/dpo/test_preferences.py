@@ -31,6 +31,7 @@ from helpers.dpo.preferences import (
     PreferenceDataError,
     load_preferences,
     save_preferences,
+    style_shares,
     validate_preferences,
 )
 from helpers.review.judge import ollama_client, openai_client
@@ -66,6 +67,23 @@ def test_the_books_file_loads_and_matches_its_checksum(
     entries = load_preferences()
     assert len(entries) == 1100
     assert all(e["chosen"].strip() and e["rejected"].strip() for e in entries)
+
+
+def test_style_words_separate_the_books_chosen_and_rejected_answers(preference_path: Path) -> None:
+    entries = load_preferences(preference_path)
+    shares = {k: style_shares([e[k] for e in entries]) for k in ("output", "chosen", "rejected")}
+    # Fine-tuning imitates `output`, which has neither; the pairs add one tone each.
+    assert shares["output"]["polite"] < 0.01 and shares["output"]["impolite"] < 0.01
+    assert round(shares["chosen"]["polite"], 2) == 0.18 and shares["chosen"]["impolite"] == 0.0
+    assert round(shares["rejected"]["impolite"], 2) == 0.30
+    assert shares["rejected"]["polite"] < 0.02
+
+
+def test_style_shares_count_whole_words_in_any_case() -> None:
+    answers = ["Indeed, it is Paris.", "Obviously Paris.", "Lookout Paris.", "I'd say Paris."]
+    assert style_shares(answers) == {"polite": 0.5, "impolite": 0.25}
+    with pytest.raises(ValueError, match="no answers"):
+        style_shares([])
 
 
 def test_missing_and_empty_answers_name_file_entry_and_field(tmp_path: Path) -> None:
