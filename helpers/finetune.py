@@ -167,6 +167,8 @@ def build(settings: FinetuneSettings, loaded: Loaded) -> Built:
     else:
         model = random_model(settings.model, seed=settings.train.seed, tie_embeddings=tie)
         weights = "random init"
+    if settings.drop_rate is not None:
+        model.set_dropout(settings.drop_rate)
     _add_lora(settings, model)  # before the losses and training (a checkpoint has its keys)
     if settings.max_length > model.cfg.context_length:
         raise RunError(
@@ -453,7 +455,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 def _print_answers(report: dict[str, Any], no_repeat_ngram: int) -> None:
     """The test answers' ROUGE-L and repetition share next to the baselines and the book's."""
     base, book = report["baselines_rougeL"], report["book_gpt2_medium"]
-    decoding = f"greedy, no repeated {no_repeat_ngram}-token sequence" if no_repeat_ngram else "greedy"
+    decoding = (
+        f"greedy, no repeated {no_repeat_ngram}-token sequence" if no_repeat_ngram else "greedy"
+    )
     print(
         f"Test answers:   {report['n']} ({decoding}): ROUGE-L {report['rougeL']:.3f}, "
         f"{report['repetition']:.0%} repeat a 3-word sequence, {report['empty']} empty"

@@ -183,6 +183,20 @@ class GPTModel(nn.Module):
             self.cfg = replace(self.cfg, tie_embeddings=False)
         return self
 
+    def set_dropout(self, rate: float) -> GPTModel:
+        """Use dropout `rate` from now on (embeddings, attention, residuals); returns self.
+
+        The config records it, so a saved model says how it was trained. Fine-tuning's
+        `--drop-rate`, and DPO, which trains without dropout as the book does.
+        """
+        self.cfg = replace(self.cfg, drop_rate=rate)  # validated like any GPTConfig
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = rate
+            elif isinstance(module, CausalSelfAttention):
+                module.drop_rate = rate
+        return self
+
     def reset_parameters(self) -> None:
         """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down."""
         for name, p in self.named_parameters():

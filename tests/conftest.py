@@ -63,7 +63,8 @@ def tiny_config() -> GPTConfig:
     """A model config small enough for unit tests (GPT-2 vocabulary, short context)."""
     from helpers.config import get_config
 
-    return get_config("tiny", context_length=128, emb_dim=32, n_heads=2, n_layers=2)
+    # No dropout (the tiny preset has 0.1): tests compare outputs and losses exactly.
+    return get_config("tiny", context_length=128, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
 
 
 @pytest.fixture

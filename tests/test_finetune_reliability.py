@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import helpers.finetune as finetune
-from helpers.config import TINY_RUN_DEFAULTS, run_defaults
+from helpers.config import TINY_RUN_DEFAULTS, get_config, run_defaults
 from helpers.run.checkpoints import load_checkpoint
 from helpers.run.cli import DEFAULT_CHECKPOINT_MINUTES, build_parser, settings_from_args
 from helpers.run.train_config import RunOptions, TrainConfig
@@ -79,6 +79,11 @@ def test_settings_come_from_one_table_and_leave_args_alone(
     assert medium.no_repeat_ngram == 0
     plain = build_parser().parse_args(_args(chapter_data_path, tmp_path, "--no-repeat-ngram", "0"))
     assert settings_from_args(plain).no_repeat_ngram == 0
+    # Dropout: the preset's unless --drop-rate says otherwise (0 for a DDP run that must
+    # equal the 1-process one).
+    assert settings.drop_rate is None and get_config("tiny").drop_rate == 0.1
+    no_dropout = build_parser().parse_args(_args(chapter_data_path, tmp_path, "--drop-rate", "0"))
+    assert settings_from_args(no_dropout).drop_rate == 0.0
 
 
 def test_seed_seeds_the_random_init(chapter_data_path: Path, tmp_path: Path) -> None:

@@ -157,3 +157,18 @@ def test_backward_reaches_tied_embedding(model: GPTModel, tiny_config: GPTConfig
     loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
     loss.backward()
     assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
+
+
+def test_set_dropout_reaches_every_dropout_and_the_config(tiny_config: GPTConfig) -> None:
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config).set_dropout(0.3)
+    assert model.cfg.drop_rate == 0.3  # a saved model records it
+    assert all(m.p == 0.3 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(block.attn.drop_rate == 0.3 for block in model.h)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))  # masks differ between calls
+    model.set_dropout(0.0)
+    assert torch.equal(model(ids), model(ids))
+    with pytest.raises(ValueError, match="drop_rate"):
+        model.set_dropout(1.0)

@@ -60,7 +60,13 @@ def test_hf_conversion_gives_equal_logits(hf_pair: tuple[Any, GPTModel, Path]) -
 def test_hf_conversion_maps_every_tensor(hf_pair: tuple[Any, GPTModel, Path]) -> None:
     hf, model, _ = hf_pair
     assert model.cfg == get_config(
-        "tiny", context_length=128, emb_dim=32, n_heads=2, n_layers=2, vocab_size=50257
+        "tiny",
+        context_length=128,
+        emb_dim=32,
+        n_heads=2,
+        n_layers=2,
+        vocab_size=50257,
+        drop_rate=0.0,
     )
     ours = model.state_dict()
     for key, tensor in hf.state_dict().items():

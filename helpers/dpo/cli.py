@@ -326,7 +326,7 @@ def _train_and_write(args: argparse.Namespace) -> dict[str, Any]:
         check_output_dir(out)  # writable? (before any work)
     splits = _splits(args)
     device = local_device(get_device(args.device))  # under torchrun: GPU LOCAL_RANK
-    policy = load_model(sft, device=device)
+    policy = load_model(sft, device=device).set_dropout(0.0)  # as the book's DPO: no dropout
     reference = freeze_reference(policy)
     if main:  # fail now, not after training: OutputDirError
         check_output_dir(out, _space_needed(out, policy))

@@ -83,10 +83,12 @@ BOOK_DPO_DEFAULTS = DPORunDefaults(
     eval_iter=5,
     max_new_tokens=256,
 )
-# tiny (random init, two CPU cores): 60 pairs in batches of 4 (12 steps in about a minute) and
-# a learning rate large enough to move a small random model visibly in that many steps.
+# tiny (notebook 04's tiny model, two CPU cores): the book's run shape, all pairs in batches
+# of 8 for one epoch (116 steps, about 2.5 minutes), with a learning rate large enough for a
+# small model to move: measured, 1e-4 grows the validation reward margin steadily while the
+# answers stay readable; 5e-4 grows it four times as far and makes most answers loop.
 TINY_DPO_DEFAULTS = DPORunDefaults(
-    limit=60, lr=1e-3, batch_size=4, max_length=128, eval_freq=4, eval_iter=2, max_new_tokens=32
+    limit=None, lr=1e-4, batch_size=8, max_length=128, eval_freq=20, eval_iter=3, max_new_tokens=32
 )
 
 

@@ -21,6 +21,7 @@ from helpers.prompts import PROMPT_STYLES, chapter_compat_from_env
 from helpers.run.fields import (
     add_dataclass_flags,
     boolean,
+    dropout_rate,
     flag_values,
     int_at_least_zero,
     one_of,
@@ -54,6 +55,12 @@ class FinetuneSettings:
     )
     random_init: bool = setting(
         False, "random weights (seeded by --seed) instead of OpenAI's; tiny is always random"
+    )
+    drop_rate: float | None = setting(
+        None,
+        "dropout rate while training (default: the preset's, 0.1 for tiny and 0 for GPT-2 as "
+        "in the chapter)",
+        optional(dropout_rate),
     )
     data: str | None = setting(
         None, "dataset JSON/JSONL (default: $COURSE_DATASET or the download)", optional(text)

@@ -95,6 +95,11 @@ def fraction(value: Any) -> str | None:
     return None if _is_number(value) and 0 <= value <= 1 else f"must be in [0, 1], got {value!r}"
 
 
+def dropout_rate(value: Any) -> str | None:
+    """A number in [0, 1) (GPTConfig.drop_rate)."""
+    return None if _is_number(value) and 0 <= value < 1 else f"must be in [0, 1), got {value!r}"
+
+
 def boolean(value: Any) -> str | None:
     """True or False."""
     return None if isinstance(value, bool) else f"must be True or False, got {value!r}"

@@ -260,7 +260,7 @@ def test_parser_is_generated_from_dpo_settings_with_the_real_defaults(
     help_text = " ".join(capsys.readouterr().out.split())
     for needle in (
         f"AdamW learning rate (default: {BOOK_DPO_DEFAULTS.lr:g}; tiny: {TINY_DPO_DEFAULTS.lr:g})",
-        f"use the first N pairs (default: all; tiny: {TINY_DPO_DEFAULTS.limit})",
+        "use the first N pairs",  # all of them by default, for GPT-2 and tiny alike
         f"answer length (default: {BOOK_DPO_DEFAULTS.max_new_tokens}; "
         f"tiny: {TINY_DPO_DEFAULTS.max_new_tokens})",
         "(default: 0.1)",
@@ -271,7 +271,11 @@ def test_parser_is_generated_from_dpo_settings_with_the_real_defaults(
     settings = settings_from_args(parser.parse_args(["--beta", "0.5", "--limit", "9"]))
     assert (settings.beta, settings.limit, settings.lr) == (0.5, 9, None)
     tiny = settings.with_run_defaults("tiny")
-    assert (tiny.lr, tiny.limit, tiny.batch_size) == (TINY_DPO_DEFAULTS.lr, 9, 4)
+    assert (tiny.lr, tiny.limit, tiny.batch_size) == (
+        TINY_DPO_DEFAULTS.lr,
+        9,
+        TINY_DPO_DEFAULTS.batch_size,
+    )
     assert settings.with_run_defaults("gpt2-medium").lr == BOOK_DPO_DEFAULTS.lr
 
 

@@ -40,8 +40,15 @@ VOCAB = 1000  # small vocabulary: LoRA never touches the embeddings, and tests s
 
 @pytest.fixture()
 def cfg() -> GPTConfig:
+    # No dropout: these tests compare outputs and losses of the same model step for step.
     return get_config(
-        "tiny", vocab_size=VOCAB, context_length=64, emb_dim=32, n_heads=2, n_layers=2
+        "tiny",
+        vocab_size=VOCAB,
+        context_length=64,
+        emb_dim=32,
+        n_heads=2,
+        n_layers=2,
+        drop_rate=0.0,
     )
 
 
