@@ -15,7 +15,7 @@ ARGS =
 FIRST_NOTEBOOK = notebooks/01_dataset_formatting.ipynb
 # make grade SUBMISSION=path.ipynb (several: SUBMISSION="a.ipynb b.ipynb"); TIMEOUT: seconds per cell.
 SUBMISSION =
-TIMEOUT = 300
+TIMEOUT = 900
 NBGRADER_SERVER_EXTENSIONS = $(addprefix nbgrader.server_extensions.,formgrader assignment_list course_list validate_assignment)
 
 .PHONY: setup lab test test-fast lint finetune benchmarks notebooks student grade clean
@@ -123,7 +123,7 @@ student: setup  ## the student edition of all seven notebooks in student/
 grade: export COURSE_MODEL = tiny
 grade: export HF_HUB_OFFLINE = 1
 grade: export TRANSFORMERS_OFFLINE = 1
-grade: setup  ## points per part: make grade SUBMISSION=path.ipynb [TIMEOUT=300 seconds per cell]
+grade: setup  ## points per part: make grade SUBMISSION=path.ipynb [TIMEOUT=900 seconds per cell]
 	@test -n "$(SUBMISSION)" || { echo "make grade: name the submitted notebook: make grade SUBMISSION=path/to/02_batching_and_masking.ipynb" >&2; exit 2; }
 	$(PY) notebooks/classroom.py grade --timeout $(TIMEOUT) $(SUBMISSION)
 
