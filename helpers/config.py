@@ -135,7 +135,7 @@ CHAPTER_RUN_DEFAULTS = RunDefaults(
 # dropout 0.1 in the preset (six passes over 935 examples overfit without it), evaluated on
 # the whole 55-entry validation split (7 batches) every 50 steps, and answers that never
 # repeat a 3-token sequence (greedy decoding of a model this small loops otherwise). Measured
-# on 2 idle cores: about 3.7 minutes for the whole `python -m helpers.finetune --model tiny`
+# on 2 idle cores: 3 min 51 s for the whole `python -m helpers.finetune --model tiny`
 # run. Its demo runs (notebooks 04 and 06): all entries, two epochs. Its overfitting demo:
 # one batch of 8 entries for 60 steps.
 TINY_RUN_DEFAULTS = RunDefaults(

@@ -86,7 +86,8 @@ BOOK_DPO_DEFAULTS = DPORunDefaults(
 # tiny (notebook 04's tiny model, two CPU cores): the book's run shape, all pairs in batches
 # of 8 for one epoch (116 steps, about 2.5 minutes), with a learning rate large enough for a
 # small model to move: measured, 1e-4 grows the validation reward margin steadily while the
-# answers stay readable; 5e-4 grows it four times as far and makes most answers loop.
+# answers lose some content (ROUGE-L 0.30 -> 0.22); 5e-4 grows it about four times as far
+# and makes most answers loop.
 TINY_DPO_DEFAULTS = DPORunDefaults(
     limit=None, lr=1e-4, batch_size=8, max_length=128, eval_freq=20, eval_iter=3, max_new_tokens=32
 )
